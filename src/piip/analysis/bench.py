@@ -1,0 +1,118 @@
+"""Side-by-side forward benchmarks: latency, peak memory and achieved MACs/s.
+
+Each model is measured in a fresh subprocess, so peak memory is that model's alone: on CPU it is the
+process's peak resident set during the forward passes (Linux ``VmHWM``, reset just before) minus
+the resident set before the model was built, i.e. weights plus activations; on CUDA it is
+``torch.cuda.max_memory_allocated``.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+__all__ = ["BenchResult", "benchmark", "compare"]
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    name: str
+    resolutions: str
+    dtype: str
+    batch: int
+    input_size: tuple[int, int]
+    params: int
+    macs: int
+    latency_ms: float
+    latencies_ms: tuple[float, ...]
+    peak_memory_mb: float
+    device: str
+
+    @property
+    def macs_per_s(self) -> float:
+        return self.macs * self.batch / (self.latency_ms / 1e3)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "macs_per_s": self.macs_per_s}
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _measure(name: str, overrides: dict, dtype: str, batch: int, repeat: int, warmup: int,
+             device: str, threads: int | None) -> dict:
+    from ..models.factory import create_model
+    from .actual_flops import actual_complexity
+
+    if threads:
+        torch.set_num_threads(threads)
+    on_cuda = device.startswith("cuda")
+    rss_before = 0 if on_cuda else _rss_kb("VmRSS")
+    model = create_model(name, **overrides).eval().to(device)
+    config = model.config
+    size = (config.input_size, config.input_size)
+    images = torch.randn(batch, 3, *size, device=device)
+    autocast = torch.autocast(device.split(":")[0], dtype=_DTYPES[dtype], enabled=dtype != "fp32")
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_peak_rss()
+    latencies = []
+    with torch.inference_mode(), autocast:
+        for step in range(warmup + repeat):
+            if on_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(images)
+            if on_cuda:
+                torch.cuda.synchronize()
+            if step >= warmup:
+                latencies.append((time.perf_counter() - start) * 1e3)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if on_cuda
+            else (_rss_kb("VmHWM") - rss_before) / 1024)
+    complexity = actual_complexity(config, size)
+    return asdict(BenchResult(
+        name=name, resolutions="/".join(map(str, config.resolutions)), dtype=dtype, batch=batch,
+        input_size=size, params=complexity.params, macs=complexity.macs,
+        latency_ms=statistics.median(latencies), latencies_ms=tuple(latencies),
+        peak_memory_mb=peak, device=device))
+
+
+def benchmark(name: str, *, dtype: str = "fp32", batch: int = 1, repeat: int = 3, warmup: int = 1,
+              device: str = "cpu", threads: int | None = None, **overrides) -> BenchResult:
+    """Measure variant ``name`` (with ``create_model`` overrides) in a fresh subprocess."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if batch < 1 or repeat < 1 or warmup < 0:
+        raise ValueError("batch and repeat must be >= 1 and warmup >= 0")
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        data = pool.apply(_measure, (name, overrides, dtype, batch, repeat, warmup, device, threads))
+    data["input_size"] = tuple(data["input_size"])
+    data["latencies_ms"] = tuple(data["latencies_ms"])
+    return BenchResult(**data)
+
+
+def compare(model: BenchResult, baseline: BenchResult) -> dict[str, float]:
+    """Ratios model / baseline (latency, MACs, peak memory, achieved MACs/s)."""
+    return {
+        "latency": model.latency_ms / baseline.latency_ms,
+        "macs": model.macs / baseline.macs,
+        "peak_memory": model.peak_memory_mb / baseline.peak_memory_mb,
+        "macs_per_s": model.macs_per_s / baseline.macs_per_s,
+    }

@@ -1,0 +1,149 @@
+"""``piip <command>``: a thin shell over the Python API (parse, call the library, print)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["main"]
+
+console = Console()
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="registered variant (see `piip list`)")
+    parser.add_argument("--resolutions", help="branch resolutions, finest first, e.g. 1120/896/448")
+    parser.add_argument("--task", choices=("det", "cls"), default="det")
+    parser.add_argument("--interactions", type=int, help="number of evenly spaced interactions")
+    parser.add_argument("--attn", choices=("deform", "regular"), help="interaction attention type")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    overrides = {"task": args.task}
+    if args.resolutions:
+        overrides["resolutions"] = args.resolutions
+    if args.interactions is not None:
+        overrides["interactions"] = args.interactions
+    if args.attn:
+        overrides["interaction_attn"] = args.attn
+    return overrides
+
+
+def _cmd_list(args: argparse.Namespace) -> None:
+    from .models.config import PIIPConfig  # noqa: F401
+    from .models.registry import describe, get_config, list_models
+
+    table = Table(title="PIIP variants")
+    for column in ("name", "branches", "resolutions (det)", "description"):
+        table.add_column(column)
+    for name in list_models(args.pattern):
+        config = get_config(name)
+        widths = "/".join(str(b.embed_dim) for b in config.branches)
+        table.add_row(name, widths, "/".join(map(str, config.resolutions)), describe(name))
+    console.print(table)
+
+
+def _cmd_flops(args: argparse.Namespace) -> None:
+    from .analysis import complexity
+    from .models.registry import get_config
+
+    config = get_config(args.name, **_overrides(args))
+    result = complexity(config, convention=args.convention)
+    record = {
+        "name": args.name, "task": config.task, "resolutions": "/".join(map(str, config.resolutions)),
+        "interactions": config.num_interactions, "attn": config.interaction.attn_type,
+        "convention": args.convention, "params": result.params, "macs": result.macs,
+    }
+    if args.json:
+        print(json.dumps(record))
+        return
+    console.print(f"[bold]{args.name}[/] ({config.task}, {record['resolutions']}, "
+                  f"{record['interactions']} interactions, {record['attn']}), {args.convention} convention")
+    console.print(f"  params: {result.params / 1e6:,.2f} M")
+    console.print(f"  MACs:   {result.macs / 1e9:,.2f} G  (multiply-accumulates, batch 1, backbone only)")
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from .analysis.bench import benchmark, compare
+
+    common = dict(dtype=args.dtype, batch=args.batch, repeat=args.repeat, warmup=args.warmup,
+                  device=args.device)
+    with console.status(f"benchmarking {args.name} ..."):
+        model = benchmark(args.name, **common, **_overrides(args))
+    baseline_overrides = {"task": args.task}
+    if args.baseline_resolutions:
+        baseline_overrides["resolutions"] = args.baseline_resolutions
+    with console.status(f"benchmarking baseline {args.baseline} ..."):
+        base = benchmark(args.baseline, **common, **baseline_overrides)
+    ratios = compare(model, base)
+    if args.json:
+        print(json.dumps({"model": model.to_dict(), "baseline": base.to_dict(), "ratios": ratios}))
+        return
+    table = Table(title=f"forward, batch {args.batch}, {args.dtype}, {args.device}, "
+                        f"median of {args.repeat}")
+    for column in ("model", "resolutions", "params (M)", "MACs (G)", "latency (ms)", "peak mem (MiB)",
+                   "GMACs/s"):
+        table.add_column(column, justify="right")
+    for r in (model, base):
+        table.add_row(r.name, r.resolutions, f"{r.params / 1e6:.1f}", f"{r.macs / 1e9:.1f}",
+                      f"{r.latency_ms:.0f}", f"{r.peak_memory_mb:.0f}", f"{r.macs_per_s / 1e9:.1f}")
+    table.add_row("ratio", "", f"{model.params / base.params:.3f}", f"{ratios['macs']:.3f}",
+                  f"{ratios['latency']:.3f}", f"{ratios['peak_memory']:.3f}", f"{ratios['macs_per_s']:.3f}")
+    console.print(table)
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out, measure_latency=not args.no_latency, console=console)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="piip", description="Parameter-Inverted Image Pyramid Networks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list registered variants")
+    p.add_argument("pattern", nargs="?", default="*")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("flops", help="parameters and MACs of a variant")
+    _model_args(p)
+    p.add_argument("--convention", choices=("paper", "actual"), default="paper",
+                   help="paper: how the published numbers were counted; actual: the model as built")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_flops)
+
+    p = sub.add_parser("bench", help="forward latency / memory / MACs/s against a baseline")
+    _model_args(p)
+    p.add_argument("--baseline", default="vitdet_base")
+    p.add_argument("--baseline-resolutions")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("demo", help="params/MACs/latency of PIIP vs baselines and the MACs plot")
+    p.add_argument("--out", default="outputs/demo", help="folder for the plot and the JSON summary")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as error:
+        console.print(f"[red]error:[/] {error}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""A PIIP branch: an off-the-shelf timm Vision Transformer that runs its blocks in groups.
+
+The branch owns timm's own submodules (``patch_embed``, ``cls_token``, ``pos_embed``, ``blocks``,
+``norm``, ``head``) under timm's names, so timm checkpoints load into it with their own keys. What
+PIIP adds around them:
+
+* the absolute position embedding stays at its pretraining grid and is resized bicubically
+  (``align_corners=False``, float32, no antialias) to the actual token grid at every forward, as
+  the authors' detection code does;
+* per-block attention choice: global (PyTorch SDPA through timm's ``Attention``) or windowed. A
+  windowed block zero-pads the *normalised tokens* at the bottom/right to a multiple of the window,
+  *before* the qkv projection, so padded keys/values equal the qkv bias; windows are anchored
+  top-left, nothing is masked and the padding is cropped afterwards. This is what the released
+  checkpoints were trained with (the authors' flash-attention path);
+* blocks run in groups (``interaction_indexes``) so interactions can happen in between;
+* constant or linear drop-path schedules, and activation checkpointing.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, RmsNormFp32
+from timm.layers.attention import Attention
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..models.config import BranchConfig
+
+__all__ = ["ViTBranch", "FullWidthQKNormAttention", "window_attention"]
+
+
+class FullWidthQKNormAttention(Attention):
+    """InternViT-style attention: q and k are normalised over the full width, before the head split.
+
+    timm's ``qk_norm`` normalises per head (weights of size ``head_dim``); InternViT-6B's weights
+    (``attn.q_norm.weight`` of size ``dim``) need the full-width form.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qk_norm: bool = True, norm_layer=None, **kwargs):
+        super().__init__(dim, num_heads=num_heads, qk_norm=False, norm_layer=norm_layer, **kwargs)
+        self.q_norm = norm_layer(dim)
+        self.k_norm = norm_layer(dim)
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).unflatten(-1, (3, C)).unbind(2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2) for t in (q, k, v))
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+def window_attention(attn: nn.Module, x: torch.Tensor, hw: tuple[int, int], window: int) -> torch.Tensor:
+    """Run ``attn`` inside non-overlapping ``window x window`` windows of the ``hw`` token grid.
+
+    Tokens are zero-padded before ``attn`` (so before its qkv projection): padded keys and values
+    equal the qkv bias and are not masked, exactly as the original flash-attention path.
+    """
+    B, _, C = x.shape
+    H, W = hw
+    pad_h, pad_w = (-H) % window, (-W) % window
+    x = x.view(B, H, W, C)
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    Hp, Wp = H + pad_h, W + pad_w
+    x = x.view(B, Hp // window, window, Wp // window, window, C).transpose(2, 3)
+    x = attn(x.reshape(-1, window * window, C))
+    x = x.view(B, Hp // window, Wp // window, window, window, C).transpose(2, 3).reshape(B, Hp, Wp, C)
+    return x[:, :H, :W].reshape(B, H * W, C)
+
+
+_NORMS = {
+    "layernorm": partial(nn.LayerNorm, eps=1e-6),
+    "rmsnorm": partial(RmsNormFp32, eps=1e-6),
+}
+_ACTS = {"gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh")}
+
+
+class ViTBranch(nn.Module):
+    """One branch of the pyramid.
+
+    Args:
+        config: the branch's architecture and layout.
+        num_classes: width of the branch's classification head; ``0`` builds no final norm and
+            no head (dense tasks, or a merged classification head).
+    """
+
+    def __init__(self, config: BranchConfig, num_classes: int = 0):
+        super().__init__()
+        self.config = config
+        self.patch_size = config.patch_size
+        self.window_size = config.window_size
+        self.windowed = config.windowed
+        self.grad_checkpointing = False
+        norm_layer = _NORMS[config.norm_layer]
+        vit = VisionTransformer(
+            img_size=config.pretrain_img_size,
+            patch_size=config.patch_size,
+            num_classes=num_classes,
+            global_pool="token" if config.class_token else "avg",
+            embed_dim=config.embed_dim,
+            depth=config.depth,
+            num_heads=config.num_heads,
+            mlp_ratio=config.mlp_ratio,
+            qkv_bias=config.qkv_bias,
+            qk_norm=config.qk_norm,
+            init_values=config.init_values,
+            class_token=config.class_token,
+            no_embed_class=True,
+            dynamic_img_size=True,
+            norm_layer=norm_layer,
+            act_layer=_ACTS[config.act_layer],
+            attn_layer=FullWidthQKNormAttention if config.qk_norm else Attention,
+            final_norm=num_classes > 0,
+        )
+        self.patch_embed = vit.patch_embed
+        self.cls_token = vit.cls_token
+        self.num_prefix_tokens = 1 if config.class_token else 0
+        # Stored at the pretraining grid; an InternViT-style leading class row is kept (unused by
+        # patch tokens) so such checkpoints load without surgery.
+        self.pos_embed_prefix = 1 if config.pos_embed_class_row else 0
+        grid = config.pos_embed_grid
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.pos_embed_prefix + grid * grid, config.embed_dim))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.blocks = vit.blocks
+        for block, rate in zip(self.blocks, config.drop_path_rates()):
+            block.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
+            block.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
+        if num_classes > 0:
+            self.norm = vit.norm
+            self.head = vit.head
+        self._pos_cache: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    # -- embedding -----------------------------------------------------------------------------
+    def resized_pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
+        """Patch position embedding resized to ``hw``: ``(1, H*W, D)`` in float32."""
+        grid = self.config.pos_embed_grid
+        pos = self.pos_embed[:, self.pos_embed_prefix:]
+        if tuple(hw) == (grid, grid):
+            return pos.float()
+        # Cached only when no gradient can flow into it; the key tracks in-place updates.
+        cacheable = not (torch.is_grad_enabled() and self.pos_embed.requires_grad)
+        key = (tuple(hw), self.pos_embed._version, self.pos_embed.device, self.pos_embed.data_ptr())
+        if cacheable and key in self._pos_cache:
+            return self._pos_cache[key]
+        pos = pos.float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos, size=tuple(hw), mode="bicubic", align_corners=False)
+        pos = pos.flatten(2).transpose(1, 2)
+        if cacheable:
+            self._pos_cache.clear()
+            self._pos_cache[key] = pos
+        return pos
+
+    def embed(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patchify ``image``; returns tokens ``(B, prefix + H*W, D)`` and the token grid ``(H, W)``.
+
+        Image sizes that are not multiples of the patch size are floored, as the original's
+        strided patch convolution does: the bottom/right remainder is ignored.
+        """
+        p = self.patch_size
+        H, W = image.shape[-2] // p, image.shape[-1] // p
+        x = self.patch_embed(image[..., : H * p, : W * p])  # (B, H, W, D)
+        x = x.flatten(1, 2)
+        x = (x + self.resized_pos_embed((H, W))).to(x.dtype)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        return x, (H, W)
+
+    # -- blocks --------------------------------------------------------------------------------
+    def _block(self, index: int, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        block = self.blocks[index]
+        y = block.norm1(x)
+        if index in self.windowed:
+            y = window_attention(block.attn, y, hw, self.window_size)
+        else:
+            y = block.attn(y)
+        x = x + block.drop_path1(block.ls1(y))
+        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+    def forward_blocks(self, x: torch.Tensor, hw: tuple[int, int], start: int, end: int) -> torch.Tensor:
+        """Run blocks ``start..end`` (inclusive) on the full token sequence."""
+        for index in range(start, end + 1):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(self._block, index, x, hw, use_reentrant=False)
+            else:
+                x = self._block(index, x, hw)
+        return x
+
+    # -- head ----------------------------------------------------------------------------------
+    def forward_head(self, x: torch.Tensor, pool: str) -> torch.Tensor:
+        """Logits from the full token sequence with the branch's pretrained norm and head.
+
+        ``pool``: ``"class_token"``, ``"first_patch"`` (the authors' classification checkpoints
+        read the first *patch* token) or ``"avg"`` (mean of the patch tokens).
+        """
+        x = self.norm(x)
+        if pool == "class_token":
+            x = x[:, 0]
+        elif pool == "first_patch":
+            x = x[:, self.num_prefix_tokens]
+        else:
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        return self.head(x)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        windows = f"window {c.window_size} on {len(c.window_block_indexes)}/{c.depth} blocks" \
+            if c.window_block_indexes else "global attention"
+        return f"dim={c.embed_dim}, depth={c.depth}, heads={c.num_heads}, res={c.resolution}, {windows}"
+
+
+def token_grid(size: tuple[int, int], patch_size: int) -> tuple[int, int]:
+    """Token grid of an image of ``size`` (floored, like the patch convolution)."""
+    return size[0] // patch_size, size[1] // patch_size
+
+
+def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """Output size of ``F.interpolate(scale_factor=scale)``: floor(in * scale)."""
+    return math.floor(size[0] * scale), math.floor(size[1] * scale)

@@ -1,0 +1,92 @@
+"""Output heads: branch merging, the simple feature pyramid, and the merged classifier (paper §3.3)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d
+from torch import nn
+
+__all__ = ["BranchMerge", "SimpleFeaturePyramid", "MergedClassifier", "upsample_sum"]
+
+
+def upsample_sum(maps: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Bilinearly upsample (float32) every map to the finest map's grid and sum with weights."""
+    size = max((m.shape[-2:] for m in maps), key=lambda hw: hw[0] * hw[1])
+    out = 0
+    for i, feat in enumerate(maps):
+        feat = feat.float()
+        if feat.shape[-2:] != size:
+            feat = F.interpolate(feat, size=size, mode="bilinear", align_corners=False)
+        out = out + weights[i].float() * feat
+    return out
+
+
+def _conv_gn_relu(in_dim: int, out_dim: int) -> list[nn.Module]:
+    return [nn.Conv2d(in_dim, out_dim, 3, padding=1, bias=False), nn.GroupNorm(32, out_dim), nn.ReLU(inplace=True)]
+
+
+class BranchMerge(nn.Module):
+    """Project every branch to the widest width at its own resolution, upsample, weighted sum.
+
+    Each projection is (conv3x3 -> GroupNorm(32) -> ReLU) x 2; the learnable scalar weights start at 1.
+    """
+
+    def __init__(self, dims: list[int]):
+        super().__init__()
+        width = dims[0]
+        self.projections = nn.ModuleList(
+            nn.Sequential(*_conv_gn_relu(dim, width), *_conv_gn_relu(width, width)) for dim in dims)
+        self.weights = nn.Parameter(torch.ones(len(dims)))
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        return upsample_sum([proj(m) for proj, m in zip(self.projections, maps)], self.weights)
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet-style pyramid from one stride-16 map: strides 4, 8, 16, 32, all ``dim`` channels.
+
+    Returns an ``OrderedDict`` keyed ``"0".."3"`` (finest first), the names torchvision's detection
+    heads (``MultiScaleRoIAlign``) expect by default.
+    """
+
+    strides = (4, 8, 16, 32)
+
+    def __init__(self, dim: int, norm: str = "groupnorm"):
+        super().__init__()
+        norm_layer = nn.GroupNorm(32, dim) if norm == "groupnorm" else LayerNorm2d(dim, eps=1e-6)
+        self.fpn1 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, stride=2), norm_layer, nn.GELU(),
+                                  nn.ConvTranspose2d(dim, dim, 2, stride=2))
+        self.fpn2 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, stride=2))
+        self.fpn3 = nn.Identity()
+        self.fpn4 = nn.MaxPool2d(kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        stages = (self.fpn1, self.fpn2, self.fpn3, self.fpn4)
+        return OrderedDict((str(i), stage(x)) for i, stage in enumerate(stages))
+
+
+class MergedClassifier(nn.Module):
+    """PIIP-B's head (Appendix C): GroupNorm / (GroupNorm, Linear, GroupNorm) merge to the widest
+    width, upsample to the finest grid, weighted sum, LayerNorm, mean over tokens, Linear."""
+
+    def __init__(self, dims: list[int], num_classes: int):
+        super().__init__()
+        width = dims[0]
+        self.merge_norms = nn.ModuleList(nn.GroupNorm(32, d) for d in dims)
+        self.merge_linears = nn.ModuleList(nn.Identity() if i == 0 else nn.Linear(d, width) for i, d in enumerate(dims))
+        self.merge_out_norms = nn.ModuleList(
+            nn.Identity() if i == 0 else nn.GroupNorm(32, width) for i in range(len(dims)))
+        self.weights = nn.Parameter(torch.ones(len(dims)))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        projected = []
+        for norm, linear, out_norm, m in zip(self.merge_norms, self.merge_linears, self.merge_out_norms, maps):
+            m = linear(norm(m).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            projected.append(out_norm(m))
+        merged = upsample_sum(projected, self.weights).to(maps[-1].dtype)
+        tokens = self.norm(merged.flatten(2).transpose(1, 2))
+        return self.head(tokens.mean(dim=1))

@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+from piip import BranchConfig, InteractionConfig, PIIPConfig
+
+
+def tiny_branch(dim: int, res: int, *, depth: int = 2, heads: int = 2, groups=((0, 0), (1, 1)), **kw) -> BranchConfig:
+    return BranchConfig(embed_dim=dim, depth=depth, num_heads=heads, resolution=res,
+                        interaction_indexes=tuple(groups), pretrain_img_size=kw.pop("pretrain", 64), **kw)
+
+
+def tiny_config(task: str = "det", **kw) -> PIIPConfig:
+    """A three-branch PIIP small enough for CPU tests (64/32/32 wide at 64/96/128)."""
+    branches = (
+        tiny_branch(64, 64, heads=4, pretrain=64, **kw.pop("b1", {})),
+        tiny_branch(32, 96, pretrain=96, **kw.pop("b2", {})),
+        tiny_branch(32, 128, pretrain=128, **kw.pop("b3", {})),
+    )
+    interaction = kw.pop("interaction", InteractionConfig(num_heads=4, drop_path_rate=0.0))
+    return PIIPConfig(branches=branches, interaction=interaction, task=task, **kw)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
