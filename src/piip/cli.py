@@ -57,42 +57,49 @@ def _cmd_flops(args: argparse.Namespace) -> None:
         "interactions": config.num_interactions, "attn": config.interaction.attn_type,
         "convention": args.convention, "params": result.params, "macs": result.macs,
     }
+    if args.convention == "actual":
+        record["fpn_macs"] = result.fpn_macs
     if args.json:
         print(json.dumps(record))
         return
     console.print(f"[bold]{args.name}[/] ({config.task}, {record['resolutions']}, "
                   f"{record['interactions']} interactions, {record['attn']}), {args.convention} convention")
     console.print(f"  params: {result.params / 1e6:,.2f} M")
-    console.print(f"  MACs:   {result.macs / 1e9:,.2f} G  (multiply-accumulates, batch 1, backbone only)")
+    scope = ("the whole backbone as built, simple feature pyramid included: "
+             f"{record['fpn_macs'] / 1e9:,.2f} G" if args.convention == "actual"
+             else "backbone only, as the paper counted")
+    console.print(f"  MACs:   {result.macs / 1e9:,.2f} G  (multiply-accumulates, batch 1; {scope})")
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
     from .analysis.bench import benchmark, compare
 
-    common = dict(dtype=args.dtype, batch=args.batch, repeat=args.repeat, warmup=args.warmup,
-                  device=args.device)
-    with console.status(f"benchmarking {args.name} ..."):
-        model = benchmark(args.name, **common, **_overrides(args))
+    common = dict(batch=args.batch, repeat=args.repeat, warmup=args.warmup, device=args.device)
+    with console.status(f"benchmarking {args.name} ({args.dtype}) ..."):
+        model = benchmark(args.name, dtype=args.dtype, **common, **_overrides(args))
     baseline_overrides = {"task": args.task}
     if args.baseline_resolutions:
         baseline_overrides["resolutions"] = args.baseline_resolutions
-    with console.status(f"benchmarking baseline {args.baseline} ..."):
-        base = benchmark(args.baseline, **common, **baseline_overrides)
+    baseline_dtype = args.baseline_dtype or args.dtype
+    with console.status(f"benchmarking baseline {args.baseline} ({baseline_dtype}) ..."):
+        base = benchmark(args.baseline, dtype=baseline_dtype, **common, **baseline_overrides)
     ratios = compare(model, base)
     if args.json:
         print(json.dumps({"model": model.to_dict(), "baseline": base.to_dict(), "ratios": ratios}))
         return
-    table = Table(title=f"forward, batch {args.batch}, {args.dtype}, {args.device}, "
-                        f"median of {args.repeat}")
-    for column in ("model", "resolutions", "params (M)", "MACs (G)", "latency (ms)", "peak mem (MiB)",
-                   "GMACs/s"):
+    table = Table(title=f"forward, batch {args.batch}, {args.device}, median of {args.repeat}")
+    for column in ("model", "dtype", "resolutions", "params (M)", "MACs (G)", "latency (ms)",
+                   "peak mem (MiB)", "GMACs/s"):
         table.add_column(column, justify="right")
     for r in (model, base):
-        table.add_row(r.name, r.resolutions, f"{r.params / 1e6:.1f}", f"{r.macs / 1e9:.1f}",
+        table.add_row(r.name, r.dtype, r.resolutions, f"{r.params / 1e6:.1f}", f"{r.macs / 1e9:.1f}",
                       f"{r.latency_ms:.0f}", f"{r.peak_memory_mb:.0f}", f"{r.macs_per_s / 1e9:.1f}")
-    table.add_row("ratio", "", f"{model.params / base.params:.3f}", f"{ratios['macs']:.3f}",
+    table.add_row("ratio", "", "", f"{model.params / base.params:.3f}", f"{ratios['macs']:.3f}",
                   f"{ratios['latency']:.3f}", f"{ratios['peak_memory']:.3f}", f"{ratios['macs_per_s']:.3f}")
     console.print(table)
+    if "output_rel_error" in ratios:
+        console.print(f"output relative L2 error vs baseline: {ratios['output_rel_error']:.2e}; "
+                      f"speed-up {ratios['speedup']:.2f}x")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -120,7 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--baseline", default="vitdet_base")
     p.add_argument("--baseline-resolutions")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast dtype of the model (fp32: no autocast)")
+    p.add_argument("--baseline-dtype", choices=("fp32", "bf16", "fp16"),
+                   help="dtype of the baseline (default: --dtype); e.g. --baseline NAME --dtype bf16 "
+                        "--baseline-dtype fp32 measures the bf16 speed-up and error")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)

@@ -32,13 +32,16 @@ class BenchResult:
     latencies_ms: tuple[float, ...]
     peak_memory_mb: float
     device: str
+    output: torch.Tensor | None = None  # the stride-16 map (det) or the logits (cls), float32
+
 
     @property
     def macs_per_s(self) -> float:
         return self.macs * self.batch / (self.latency_ms / 1e3)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "macs_per_s": self.macs_per_s}
+        data = {k: v for k, v in asdict(self).items() if k != "output"}
+        return {**data, "macs_per_s": self.macs_per_s}
 
 
 def _rss_kb(field: str) -> int:
@@ -56,6 +59,7 @@ def _reset_peak_rss() -> None:
 
 def _measure(name: str, overrides: dict, dtype: str, batch: int, repeat: int, warmup: int,
              device: str, threads: int | None) -> dict:
+    torch.manual_seed(0)  # same weights and images in every process: outputs are comparable
     from ..models.factory import create_model
     from .actual_flops import actual_complexity
 
@@ -78,7 +82,7 @@ def _measure(name: str, overrides: dict, dtype: str, batch: int, repeat: int, wa
             if on_cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            model(images)
+            out = model(images)
             if on_cuda:
                 torch.cuda.synchronize()
             if step >= warmup:
@@ -90,7 +94,8 @@ def _measure(name: str, overrides: dict, dtype: str, batch: int, repeat: int, wa
         name=name, resolutions="/".join(map(str, config.resolutions)), dtype=dtype, batch=batch,
         input_size=size, params=complexity.params, macs=complexity.macs,
         latency_ms=statistics.median(latencies), latencies_ms=tuple(latencies),
-        peak_memory_mb=peak, device=device))
+        peak_memory_mb=peak, device=device,
+        output=(out["2"] if isinstance(out, dict) else out).float().cpu().clone()))
 
 
 def benchmark(name: str, *, dtype: str = "fp32", batch: int = 1, repeat: int = 3, warmup: int = 1,
@@ -109,10 +114,17 @@ def benchmark(name: str, *, dtype: str = "fp32", batch: int = 1, repeat: int = 3
 
 
 def compare(model: BenchResult, baseline: BenchResult) -> dict[str, float]:
-    """Ratios model / baseline (latency, MACs, peak memory, achieved MACs/s)."""
-    return {
+    """Ratios model / baseline (latency, MACs, peak memory, achieved MACs/s); when both ran the same
+    network (e.g. bf16 against fp32), also the relative L2 error of the model's output."""
+    ratios = {
         "latency": model.latency_ms / baseline.latency_ms,
+        "speedup": baseline.latency_ms / model.latency_ms,
         "macs": model.macs / baseline.macs,
         "peak_memory": model.peak_memory_mb / baseline.peak_memory_mb,
         "macs_per_s": model.macs_per_s / baseline.macs_per_s,
     }
+    if (model.output is not None and baseline.output is not None
+            and model.output.shape == baseline.output.shape and model.name == baseline.name):
+        ratios["output_rel_error"] = float(
+            (model.output - baseline.output).norm() / baseline.output.norm().clamp_min(1e-12))
+    return ratios

@@ -1,0 +1,68 @@
+"""The CLI and the `actual` counting convention (the model as built, counted on the meta device)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from piip.analysis import actual_complexity
+from piip.cli import main
+from piip.models.registry import get_config, list_models
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_flops_json_answers_every_registered_name(name, capsys):
+    assert main(["flops", name, "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["name"] == name and record["convention"] == "paper"
+    assert isinstance(record["params"], int) and record["params"] > 1e6
+    assert isinstance(record["macs"], int) and record["macs"] > 1e9
+    assert record["resolutions"] == "/".join(map(str, get_config(name).resolutions))
+
+
+def test_flops_overrides_and_cls(capsys):
+    assert main(["flops", "piip_tsb", "--task", "cls", "--resolutions", "368/192/128", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["task"] == "cls" and abs(record["macs"] / 1e9 - 17.4) < 0.1
+    assert main(["flops", "piip_tsb", "--interactions", "2", "--attn", "regular", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["interactions"] == 2 and record["attn"] == "regular" and abs(record["macs"] / 1e9 - 245) < 1.5
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["flops", "piip_tbs"], "did you mean 'piip_tsb'"),
+    (["flops", "piip_tsb", "--resolutions", "1120/x/448"], "A/B/C"),
+    (["flops", "piip_tsb", "--resolutions", "1120/448"], "3 branches"),
+])
+def test_cli_bad_input_is_a_clear_error(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in " ".join(capsys.readouterr().out.split())
+
+
+def test_console_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "piip", "flops", "vitdet_base", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    record = json.loads(out)
+    assert record["name"] == "vitdet_base" and record["params"] / 1e6 == pytest.approx(89.6, abs=0.05)
+
+
+# Real detection backbones as built and counted by running the authors' code (reference §3.5 and
+# §4.4, "[ran]"): parameters of the whole backbone incl. conv merges and simple-FPN deconvolutions.
+@pytest.mark.parametrize("name,params_m", [
+    ("vitdet_base", 92.9), ("vitdet_large", 315.9), ("piip_tsb", 175.0), ("piip_sbl", 547.8),
+    ("piip_sbl_augreg", 548.6),
+])
+def test_actual_params_match_the_authors_built_backbones(name, params_m):
+    assert actual_complexity(get_config(name)).params / 1e6 == pytest.approx(params_m, abs=0.06)
+
+
+def test_actual_macs_of_tsb_match_the_authors_detection_counter():
+    # get_flops_det.py on the real TSB 1120/896/448 backbone stops after the merge: 307.3G
+    result = actual_complexity(get_config("piip_tsb"))
+    assert (result.macs - result.fpn_macs) / 1e9 == pytest.approx(307.3, rel=0.005)
+    assert result.fpn_macs > 0
+
+
+def test_actual_count_of_a_6b_variant_allocates_nothing():
+    result = actual_complexity(get_config("piip_h6b"))
+    assert result.params > 7e9 and result.macs > 1e13
