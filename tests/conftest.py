@@ -1,7 +1,18 @@
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 from piip import BranchConfig, InteractionConfig, PIIPConfig
+
+
+#: The authors' golden fixtures: ``shared/`` lives beside the repository checkout (as in CI).
+FIXTURES = Path(os.environ.get(
+    "PIIP_OFFICIAL_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"))
+if not FIXTURES.is_dir() or not any(FIXTURES.glob("*.json")):
+    raise RuntimeError(f"the official fixtures are missing: expected them under {FIXTURES} "
+                       "(set PIIP_OFFICIAL_FIXTURES to their folder)")
 
 
 def tiny_branch(dim: int, res: int, *, depth: int = 2, heads: int = 2, groups=((0, 0), (1, 1)), **kw) -> BranchConfig:

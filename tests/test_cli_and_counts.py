@@ -66,3 +66,28 @@ def test_actual_macs_of_tsb_match_the_authors_detection_counter():
 def test_actual_count_of_a_6b_variant_allocates_nothing():
     result = actual_complexity(get_config("piip_h6b"))
     assert result.params > 7e9 and result.macs > 1e13
+
+
+def test_convert_command_on_an_mmdetection_style_checkpoint(tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    import piip
+    from conftest import FIXTURES
+
+    tensors = load_file(str(FIXTURES / "det3_deit.safetensors"))
+    state = {f"backbone.{k[len('state_dict/'):]}": v for k, v in tensors.items() if k.startswith("state_dict/")}
+    state["neck.lateral_convs.0.conv.weight"] = torch.randn(4, 4, 1, 1)
+    source = tmp_path / "mask_rcnn_fixture.pth"
+    torch.save({"meta": {"epoch": 12}, "state_dict": state}, source)
+    out = tmp_path / "converted.safetensors"
+    assert main(["convert", str(source), "--config", str(FIXTURES / "det3_deit.json"), "-o", str(out)]) == 0
+    assert "neck" in capsys.readouterr().out
+    assert json.loads(out.with_suffix(".json").read_text())["task"] == "det"
+    model = piip.load(out)
+    with torch.no_grad():
+        maps = list(model(tensors["input"]).values())
+    for i, produced in enumerate(maps):
+        expected = tensors[f"output/{i}"]
+        assert ((produced - expected).norm() / expected.norm()).item() < 1e-4
+    assert main(["convert", str(tmp_path / "missing.pth"), "--config", "piip_tsb", "-o", str(out)]) == 2

@@ -2,7 +2,9 @@
 from .models import (PIIP, BranchConfig, InteractionConfig, PIIPConfig, create_model, get_config,
                      list_models)
 
+from .weights.checkpoint import load_checkpoint as load, save_checkpoint as save
+
 __version__ = "0.1.0"
 
 __all__ = ["PIIP", "PIIPConfig", "BranchConfig", "InteractionConfig", "create_model", "get_config",
-           "list_models", "__version__"]
+           "list_models", "load", "save", "__version__"]

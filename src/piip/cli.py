@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 
 from rich.console import Console
@@ -10,7 +11,8 @@ from rich.table import Table
 
 __all__ = ["main"]
 
-console = Console()
+# wide enough for the tables when the output is not a terminal (CI logs, pipes)
+console = Console(width=shutil.get_terminal_size((120, 24)).columns)
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -102,6 +104,24 @@ def _cmd_bench(args: argparse.Namespace) -> None:
                       f"speed-up {ratios['speedup']:.2f}x")
 
 
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from .compat.original import convert_checkpoint
+
+    with console.status(f"converting {args.checkpoint} ..."):
+        summary = convert_checkpoint(args.checkpoint, args.config, args.output, task=args.task,
+                                     use_ema=args.ema)
+    if args.json:
+        print(json.dumps(summary, default=str))
+        return
+    console.print(f"[green]wrote[/] {summary['output']} ({summary['num_tensors']} tensors, "
+                  f"{summary['num_params'] / 1e6:.1f}M parameters, task {summary['task']}, "
+                  f"from a {summary['layout']} checkpoint) and {summary['config_json']}")
+    if summary["extra"]:
+        kept = ", ".join(f"{prefix} ({n})" for prefix, n in summary["extra"].items())
+        console.print(f"kept detector tensors under their own prefixes: {kept}")
+    console.print(f"load it with: piip.load({summary['output']!r})")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -139,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_bench)
 
+    p = sub.add_parser("convert", help="convert an authors' PIIP checkpoint to piip's safetensors format")
+    p.add_argument("checkpoint", help="their .pth (MMDetection, DeepSpeed or classification layout)")
+    p.add_argument("--config", required=True,
+                   help="a registered variant name, or a JSON file with the authors' backbone kwargs")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors path")
+    p.add_argument("--task", choices=("det", "cls"), help="default: inferred")
+    p.add_argument("--ema", action="store_true", help="convert the EMA weights of a classification checkpoint")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_convert)
+
     p = sub.add_parser("demo", help="params/MACs/latency of PIIP vs baselines and the MACs plot")
     p.add_argument("--out", default="outputs/demo", help="folder for the plot and the JSON summary")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
@@ -150,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         console.print(f"[red]error:[/] {error}")
         return 2
     return 0

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["BenchResult", "benchmark", "compare"]
+__all__ = ["BenchResult", "benchmark", "compare", "time_forward"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -57,6 +57,25 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
+def time_forward(model: torch.nn.Module, images: torch.Tensor, *, repeat: int = 3, warmup: int = 1,
+                 autocast=None) -> tuple[list[float], object]:
+    """Wall-clock milliseconds of ``repeat`` forward passes after ``warmup`` ones (inference mode),
+    and the last output."""
+    on_cuda = images.is_cuda
+    latencies = []
+    with torch.inference_mode(), autocast or torch.autocast("cpu", enabled=False):
+        for step in range(warmup + repeat):
+            if on_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = model(images)
+            if on_cuda:
+                torch.cuda.synchronize()
+            if step >= warmup:
+                latencies.append((time.perf_counter() - start) * 1e3)
+    return latencies, out
+
+
 def _measure(name: str, overrides: dict, dtype: str, batch: int, repeat: int, warmup: int,
              device: str, threads: int | None) -> dict:
     torch.manual_seed(0)  # same weights and images in every process: outputs are comparable
@@ -76,17 +95,7 @@ def _measure(name: str, overrides: dict, dtype: str, batch: int, repeat: int, wa
         torch.cuda.reset_peak_memory_stats()
     else:
         _reset_peak_rss()
-    latencies = []
-    with torch.inference_mode(), autocast:
-        for step in range(warmup + repeat):
-            if on_cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            out = model(images)
-            if on_cuda:
-                torch.cuda.synchronize()
-            if step >= warmup:
-                latencies.append((time.perf_counter() - start) * 1e3)
+    latencies, out = time_forward(model, images, repeat=repeat, warmup=warmup, autocast=autocast)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if on_cuda
             else (_rss_kb("VmHWM") - rss_before) / 1024)
     complexity = actual_complexity(config, size)

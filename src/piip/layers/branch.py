@@ -11,7 +11,8 @@ PIIP adds around them:
   windowed block zero-pads the *normalised tokens* at the bottom/right to a multiple of the window,
   *before* the qkv projection, so padded keys/values equal the qkv bias; windows are anchored
   top-left, nothing is masked and the padding is cropped afterwards. This is what the released
-  checkpoints were trained with (the authors' flash-attention path);
+  checkpoints were trained with (the authors' flash-attention path); ``window_padding="after_qkv"``
+  pads the qkv output instead (padded keys/values 0), as their non-flash ``vit_models`` does;
 * blocks run in groups (``interaction_indexes``) so interactions can happen in between;
 * constant or linear drop-path schedules, and activation checkpointing.
 """
@@ -30,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..models.config import BranchConfig
 
-__all__ = ["ViTBranch", "FullWidthQKNormAttention", "window_attention"]
+__all__ = ["ViTBranch", "FullWidthQKNormAttention", "window_attention", "window_attention_after_qkv"]
 
 
 class FullWidthQKNormAttention(Attention):
@@ -74,6 +75,29 @@ def window_attention(attn: nn.Module, x: torch.Tensor, hw: tuple[int, int], wind
     return x[:, :H, :W].reshape(B, H * W, C)
 
 
+def window_attention_after_qkv(attn: Attention, x: torch.Tensor, hw: tuple[int, int], window: int) -> torch.Tensor:
+    """Window attention that zero-pads the *qkv output* instead of the tokens.
+
+    Padded keys and values are 0 (not the qkv bias), still unmasked: the authors' non-flash
+    ``vit_models`` path (``use_flash_attn=False``). Needs a timm :class:`Attention` without qk-norm.
+    """
+    B, _, C = x.shape
+    H, W = hw
+    pad_h, pad_w = (-H) % window, (-W) % window
+    qkv = attn.qkv(x).view(B, H, W, -1)
+    if pad_h or pad_w:
+        qkv = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h))
+    Hp, Wp = H + pad_h, W + pad_w
+    qkv = qkv.view(B, Hp // window, window, Wp // window, window, -1).transpose(2, 3)
+    qkv = qkv.reshape(-1, window * window, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    y = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    y = y.transpose(1, 2).reshape(B, Hp // window, Wp // window, window, window, -1)
+    y = y.transpose(2, 3).reshape(B, Hp, Wp, -1)[:, :H, :W].reshape(B, H * W, -1)
+    return attn.proj_drop(attn.proj(attn.norm(y)))
+
+
 _NORMS = {
     "layernorm": partial(nn.LayerNorm, eps=1e-6),
     "rmsnorm": partial(RmsNormFp32, eps=1e-6),
@@ -96,6 +120,8 @@ class ViTBranch(nn.Module):
         self.patch_size = config.patch_size
         self.window_size = config.window_size
         self.windowed = config.windowed
+        self._window_attention = (window_attention_after_qkv if config.window_padding == "after_qkv"
+                                  else window_attention)
         self.grad_checkpointing = False
         norm_layer = _NORMS[config.norm_layer]
         vit = VisionTransformer(
@@ -180,7 +206,7 @@ class ViTBranch(nn.Module):
         block = self.blocks[index]
         y = block.norm1(x)
         if index in self.windowed:
-            y = window_attention(block.attn, y, hw, self.window_size)
+            y = self._window_attention(block.attn, y, hw, self.window_size)
         else:
             y = block.attn(y)
         x = x + block.drop_path1(block.ls1(y))

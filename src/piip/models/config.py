@@ -73,6 +73,10 @@ class BranchConfig:
             ``no_embed_class=False``, InternViT-style checkpoints).
         window_size, window_block_indexes: blocks listed use non-overlapping ``window_size``
             windows anchored top-left, tokens zero-padded before the qkv projection, no mask.
+        window_padding: where a windowed block zero-pads a grid that the window does not divide:
+            ``"before_qkv"`` (the tokens, so padded keys/values equal the qkv bias: the authors'
+            flash-attention path, used by every released checkpoint) or ``"after_qkv"`` (the qkv
+            output, so padded keys/values are 0: their non-flash ``vit_models`` path).
         drop_path_rate, drop_path_schedule: stochastic depth, ``"constant"`` (DeiT-style branches of
             the original) or ``"linear"`` (InternViT-style).
         pretrained: timm ``name.tag`` of the weights the paper initialised this branch from.
@@ -98,6 +102,7 @@ class BranchConfig:
     pos_embed_class_row: bool = False
     window_size: int = 14
     window_block_indexes: tuple[int, ...] = ()
+    window_padding: Literal["before_qkv", "after_qkv"] = "before_qkv"
     drop_path_rate: float = 0.0
     drop_path_schedule: Literal["constant", "linear"] = "constant"
     pretrained: str | None = None
@@ -128,6 +133,11 @@ class BranchConfig:
         if self.act_layer not in ("gelu", "gelu_tanh"):
             raise ValueError(f"BranchConfig.act_layer must be 'gelu' or 'gelu_tanh', "
                              f"got {self.act_layer!r}")
+        if self.window_padding not in ("before_qkv", "after_qkv"):
+            raise ValueError(f"BranchConfig.window_padding must be 'before_qkv' or 'after_qkv', "
+                             f"got {self.window_padding!r}")
+        if self.window_padding == "after_qkv" and self.qk_norm:
+            raise ValueError("window_padding='after_qkv' is not supported with qk_norm")
         if self.drop_path_schedule not in ("constant", "linear"):
             raise ValueError(f"BranchConfig.drop_path_schedule must be 'constant' or 'linear', "
                              f"got {self.drop_path_schedule!r}")

@@ -1,24 +1,51 @@
 """``create_model``: a registered variant name (plus overrides) to a built :class:`PIIP`."""
 from __future__ import annotations
 
+import os
+from typing import Mapping
+
 from .piip import PIIP
 from .registry import get_config
 
 __all__ = ["create_model"]
 
 
-def create_model(name: str, pretrained: bool = False, **overrides) -> PIIP:
+def create_model(
+    name: str,
+    pretrained: bool = False,
+    *,
+    branch_weights: Mapping[str | int, str | os.PathLike] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    **overrides,
+) -> PIIP:
     """Build the registered variant ``name``.
 
-    Overrides: ``task="det"|"cls"``, ``resolutions=(1344, 896, 448)`` or ``"1344/896/448"`` (finest
-    first), ``interactions=N``, ``interaction_attn="deform"|"regular"``, ``num_classes=N``, and any
-    :class:`~piip.models.config.BranchConfig` field applied to every branch.
+    Args:
+        name: a registered variant or alias (``piip.list_models()``).
+        pretrained: initialise every branch from the timm weights its config names (the paper's
+            weights; hub or local cache). Branches listed in ``branch_weights`` use those files.
+        branch_weights: local files per branch, ``{"branch1": "/path/file.safetensors", ...}``
+            (branch 1 is the largest model); without ``pretrained`` only these are loaded.
+        checkpoint: a whole-model piip checkpoint (``piip convert`` / ``save_checkpoint``) loaded
+            strictly into the built model; the overrides must describe the same network.
+        overrides: ``task="det"|"cls"``, ``resolutions=(1344, 896, 448)`` or ``"1344/896/448"``
+            (finest first), ``interactions=N``, ``interaction_attn="deform"|"regular"``,
+            ``num_classes=N``, and any :class:`~piip.models.config.BranchConfig` field applied to
+            every branch.
 
     Build on the ``meta`` device (``with torch.device("meta"):``) to inspect a 6B-scale variant
     without allocating it.
     """
-    if pretrained:
-        raise NotImplementedError(
-            "pretrained=True is not available yet: build with pretrained=False and load branch "
-            "weights with timm, or wait for piip's weight loading (branch_weights=...)")
-    return PIIP(get_config(name, **overrides))
+    if checkpoint is not None and (pretrained or branch_weights):
+        raise ValueError("pass either checkpoint= (a whole trained model) or pretrained/branch_weights "
+                         "(branch initialisation), not both")
+    model = PIIP(get_config(name, **overrides))
+    if pretrained or branch_weights:
+        from ..weights.pretrained import load_branch_weights
+
+        model.pretrained_report = load_branch_weights(model, branch_weights, use_hub=pretrained)
+    elif checkpoint is not None:
+        from ..weights.checkpoint import load_checkpoint
+
+        load_checkpoint(checkpoint, model)
+    return model

@@ -1,0 +1,4 @@
+"""Compatibility layers with other PIIP code bases (``original``: the authors' OpenGVLab/PIIP)."""
+from . import original
+
+__all__ = ["original"]
