@@ -21,7 +21,6 @@ import json
 import os
 import re
 from collections import OrderedDict
-from pathlib import Path
 
 import pytest
 import torch

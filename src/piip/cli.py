@@ -35,7 +35,6 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _cmd_list(args: argparse.Namespace) -> None:
-    from .models.config import PIIPConfig  # noqa: F401
     from .models.registry import describe, get_config, list_models
 
     table = Table(title="PIIP variants")

@@ -18,7 +18,6 @@ PIIP adds around them:
 """
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import torch
@@ -243,12 +242,3 @@ class ViTBranch(nn.Module):
             if c.window_block_indexes else "global attention"
         return f"dim={c.embed_dim}, depth={c.depth}, heads={c.num_heads}, res={c.resolution}, {windows}"
 
-
-def token_grid(size: tuple[int, int], patch_size: int) -> tuple[int, int]:
-    """Token grid of an image of ``size`` (floored, like the patch convolution)."""
-    return size[0] // patch_size, size[1] // patch_size
-
-
-def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
-    """Output size of ``F.interpolate(scale_factor=scale)``: floor(in * scale)."""
-    return math.floor(size[0] * scale), math.floor(size[1] * scale)

@@ -15,7 +15,7 @@ Data flow of one forward (paper Fig. 2):
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +113,13 @@ class PIIP(nn.Module):
     def forward_tokens(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
         """Every branch's full token sequence (prefix tokens included) after the last interaction,
         before any final norm, and the branches' token grids."""
+        tokens, grids, _ = self._run(images)
+        return tokens, grids
+
+    def _run(self, images: torch.Tensor, collect: Sequence[int] = ()
+             ) -> tuple[list[torch.Tensor], list[tuple[int, int]], list[list[torch.Tensor]]]:
+        """``forward_tokens`` plus, for each interaction index in ``collect``, the branches' token
+        sequences right after that interaction."""
         self._check_input(images)
         tokens, grids = [], []
         for branch, image in zip(self.branches, self.pyramid(images)):
@@ -121,20 +128,48 @@ class PIIP(nn.Module):
             grids.append(hw)
         if not self.interactions:
             return [b.forward_blocks(x, hw, 0, b.config.depth - 1)
-                    for b, x, hw in zip(self.branches, tokens, grids)], grids
+                    for b, x, hw in zip(self.branches, tokens, grids)], grids, []
         prefixes = [b.num_prefix_tokens for b in self.branches]
+        collected = []
         for i, interaction in enumerate(self.interactions):
             tokens = [b.forward_blocks(x, hw, *b.config.interaction_indexes[i])
                       for b, x, hw in zip(self.branches, tokens, grids)]
             patches = interaction([x[:, p:] for x, p in zip(tokens, prefixes)], grids)
             tokens = [torch.cat([x[:, :p], y], dim=1) if p else y for x, y, p in zip(tokens, patches, prefixes)]
-        return tokens, grids
+            if i in collect:
+                collected.append(tokens)
+        return tokens, grids, collected
+
+    def _to_maps(self, tokens: list[torch.Tensor], grids: list[tuple[int, int]]) -> list[torch.Tensor]:
+        return [x[:, b.num_prefix_tokens:].transpose(1, 2).reshape(x.shape[0], -1, *hw)
+                for b, x, hw in zip(self.branches, tokens, grids)]
 
     def forward_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Every branch's patch tokens as ``(B, D_i, H_i, W_i)`` maps, branch 1 first."""
-        tokens, grids = self.forward_tokens(images)
-        return [x[:, b.num_prefix_tokens:].transpose(1, 2).reshape(x.shape[0], -1, *hw)
-                for b, x, hw in zip(self.branches, tokens, grids)]
+        return self._to_maps(*self.forward_tokens(images))
+
+    def forward_intermediates(self, images: torch.Tensor, indices: int | Sequence[int] | None = None
+                              ) -> list[list[torch.Tensor]]:
+        """Per-branch ``(B, D_i, H_i, W_i)`` maps after selected interactions (timm's API shape).
+
+        ``indices``: interaction indexes (negative counts from the end), or an int ``n`` for the
+        last ``n``; ``None`` for all. Returns one list of branch maps (branch 1 first) per index.
+        """
+        count = self.config.num_interactions
+        if count == 0:
+            raise ValueError("this model has no interactions to take intermediates from")
+        if indices is None:
+            wanted = list(range(count))
+        elif isinstance(indices, int):
+            wanted = list(range(count - indices, count))
+        else:
+            wanted = [i % count if -count <= i < count else i for i in indices]
+        bad = [i for i in wanted if not 0 <= i < count]
+        if bad:
+            raise ValueError(f"interaction indices {bad} out of range for {count} interactions")
+        _, grids, collected = self._run(images, collect=set(wanted))
+        by_index = dict(zip(sorted(set(wanted)), collected))
+        return [self._to_maps(by_index[i], grids) for i in wanted]
 
     def forward(self, images: torch.Tensor):
         if self.config.task == "det":
