@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.piip-installed
 
-.PHONY: install test demo bench clean
+.PHONY: install data test demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,10 +15,16 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Fashion-MNIST (the original IDX files) from Debian's package; needs root (or: sudo apt-get install
+# dataset-fashion-mnist). Without it the tests that read it are skipped, saying how to install it.
+data:
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+		|| echo "could not install dataset-fashion-mnist: run 'sudo apt-get install dataset-fashion-mnist'"
+
+test: $(STAMP) data
 	$(PY) -m pytest -q
 
-demo: $(STAMP)
+demo: $(STAMP) data
 	$(VENV)/bin/piip demo
 
 bench: $(STAMP)

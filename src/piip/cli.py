@@ -121,10 +121,59 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     console.print(f"load it with: piip.load({summary['output']!r})")
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from .engine import load_config, train
+    from .engine.distributed import cleanup, is_main
+
+    cfg = load_config(args.config, args.overrides)
+    cfg.task = args.task
+    try:
+        summary = train(cfg, resume=args.resume or None)
+        if is_main():
+            summary = {k: v for k, v in summary.items() if k != "step_losses"}
+            if args.json:
+                print(json.dumps(summary, default=str))
+            else:
+                console.print(f"[green]done[/]: {summary['step']} steps, {summary['epoch']} epochs; "
+                              f"eval {summary['eval']}; outputs in {summary['out_dir']}")
+    finally:
+        cleanup()
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
     run_demo(out_dir=args.out, measure_latency=not args.no_latency, console=console)
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    import torch
+
+    from .data import DataConfig, resolve_data_arg
+    from .tasks.classification import evaluate_checkpoint
+
+    dataset, root = resolve_data_arg(args.data, args.dataset)
+    data = DataConfig(dataset=dataset, root=root, image_size=args.image_size, limit=args.limit,
+                      crop_pct=args.crop_pct)
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    metrics = evaluate_checkpoint(args.checkpoint, data, split=args.split, batch_size=args.batch_size,
+                                  workers=args.workers, device=args.device, amp_dtype=amp,
+                                  progress=not args.json and console.is_terminal)
+    if args.json:
+        print(json.dumps({"checkpoint": args.checkpoint, "dataset": dataset, "root": root,
+                          "split": args.split, **metrics.to_dict()}))
+        return
+    console.print(f"[bold]{args.checkpoint}[/] on {dataset} {args.split} ({metrics.num_samples} images): "
+                  f"top-1 [bold]{metrics.top1:.2f}%[/], top-5 {metrics.top5:.2f}%, loss {metrics.loss:.4f}")
+    if metrics.skipped:
+        console.print(f"[yellow]skipped {metrics.skipped} unreadable images[/]")
+    table = Table(title="per-class top-1")
+    for column in ("label", "class", "images", "top-1 (%)"):
+        table.add_column(column, justify="right" if column != "class" else "left")
+    names = metrics.classes or [str(i) for i in range(len(metrics.per_class))]
+    for i, (name, count, acc) in enumerate(zip(names, metrics.per_class_count, metrics.per_class)):
+        table.add_row(str(i), str(name), str(count), "-" if acc is None else f"{acc:.2f}")
+    console.print(table)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +221,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/demo", help="folder for the plot and the JSON summary")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint (classification: top-1/top-5/per-class)")
+    p.add_argument("task", choices=("cls",))
+    p.add_argument("--checkpoint", required=True, help="a piip classification checkpoint (.safetensors)")
+    p.add_argument("--data", required=True,
+                   help="'fashion_mnist' (default folder), a folder of Fashion-MNIST IDX files, or an "
+                        "ImageFolder root with train/<class>/ and val/<class>/")
+    p.add_argument("--dataset", choices=("fashion_mnist", "imagefolder"), help="default: inferred from --data")
+    p.add_argument("--split", choices=("val", "train"), default="val")
+    p.add_argument("--image-size", type=int, help="default: the model's input size")
+    p.add_argument("--crop-pct", type=float, help="eval centre-crop fraction (default: 0.875 ImageFolder, "
+                                                  "1.0 Fashion-MNIST)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("train", help="train (torchrun --nproc_per_node=N -m piip train ... for DDP)")
+    p.add_argument("task", choices=("cls",))
+    p.add_argument("config", help="a JSON or YAML TrainConfig file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. optim.lr=1e-4 run.amp=bf16")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from the run's latest checkpoint (or from the given checkpoint file)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(func=_cmd_train)
     return parser
 
 

@@ -1,0 +1,126 @@
+"""Atomic, resumable training checkpoints.
+
+Layout of ``<out_dir>/checkpoints/``: ``step-00000123.pt`` files (the last ``keep`` kept),
+``best.pt``, and ``latest``: a one-line text pointer to the newest complete step file.
+
+Every file is written to a temporary file in the same folder, flushed and fsync'ed, then renamed
+over its target with ``os.replace`` (atomic on POSIX and Windows); the pointer is updated the same
+way only after its target is complete. A kill at any moment leaves ``latest`` pointing at a
+complete checkpoint (the previous one if the kill hit the new save).
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["atomic_torch_save", "atomic_write_text", "save_training_checkpoint", "latest_checkpoint",
+           "load_training_checkpoint", "rng_state", "set_rng_state"]
+
+_STEP_RE = re.compile(r"^step-(\d+)\.pt$")
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to ``path`` atomically (tmp file in the same folder + fsync + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_checkpoint(directory: str | os.PathLike, state: dict[str, Any], step: int,
+                             keep: int = 2) -> Path:
+    """Write ``step-<step>.pt`` atomically, then point ``latest`` at it, then prune to ``keep``."""
+    directory = Path(directory)
+    path = atomic_torch_save(state, directory / f"step-{step:08d}.pt")
+    atomic_write_text(directory / "latest", path.name + "\n")
+    if keep > 0:
+        steps = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_RE.match(p.name)))
+        for _, old in steps[:-keep]:
+            if old != path:
+                old.unlink(missing_ok=True)
+    return path
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The complete checkpoint ``latest`` points at (``None`` when there is none)."""
+    directory = Path(directory)
+    pointer = directory / "latest"
+    if not pointer.is_file():
+        return None
+    target = directory / pointer.read_text().strip()
+    return target if target.is_file() else None
+
+
+def load_training_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a training checkpoint (a ``.pt`` file, or a folder holding ``latest``)."""
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path) or latest_checkpoint(path / "checkpoints")
+        if found is None:
+            raise FileNotFoundError(f"no 'latest' checkpoint under {path}")
+        path = found
+    return torch.load(path, map_location=map_location, weights_only=False)

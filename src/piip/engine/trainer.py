@@ -1,0 +1,493 @@
+"""The training engine: ``train(cfg)`` for classification, built to be reused by detection and
+segmentation through a small *task* object (model, datasets, loss of a batch, evaluation).
+
+Determinism and resume: the data order comes from a seeded :class:`ResumableDistributedSampler`
+(``seed + epoch``; used for any world size) and every DataLoader draws its worker seeds from its own
+generator (seeded per epoch), so the global RNGs -- saved per rank in every checkpoint -- are only
+consumed by the model (drop path), mixup/cutmix and in-process transforms. A checkpoint records the
+epoch and the micro-batches already consumed in it; ``--resume`` skips exactly those, so a killed
+and resumed run reproduces the uninterrupted run step for step (exactly with ``num_workers=0``;
+with worker processes, random per-sample augmentations are re-seeded differently after a resume).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from . import distributed as D
+from .checkpoint import (atomic_torch_save, latest_checkpoint, load_training_checkpoint, rng_state,
+                         save_training_checkpoint, set_rng_state)
+from .config import ModelConfig, TrainConfig
+from .optim import build_optimizer, build_scheduler
+
+__all__ = ["train", "build_model", "ResumableDistributedSampler", "ClassificationTask", "TASKS"]
+
+
+# -- data order --------------------------------------------------------------------------------
+class ResumableDistributedSampler(DistributedSampler):
+    """``DistributedSampler`` that can start part-way through an epoch (``set_start``: the number
+    of this rank's samples already consumed)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.start = 0
+
+    def set_start(self, start: int) -> None:
+        self.start = int(start)
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+# -- model ---------------------------------------------------------------------------------------
+def build_model(mcfg: ModelConfig, task: str = "cls", num_classes: int | None = None) -> nn.Module:
+    """A :class:`~piip.models.piip.PIIP` from a :class:`ModelConfig` (registered name or explicit
+    ``piip`` dict), with per-branch drop path and optional weights."""
+    from ..models.config import PIIPConfig
+    from ..models.piip import PIIP
+    from ..models.registry import get_config
+
+    if mcfg.piip is not None:
+        config = PIIPConfig.from_dict({**mcfg.piip, "task": task})
+        if mcfg.resolutions is not None:
+            config = config.with_resolutions(mcfg.resolutions)
+        if mcfg.interactions is not None:
+            config = config.with_interactions(mcfg.interactions)
+        if mcfg.interaction_attn is not None:
+            config = dataclasses.replace(config, interaction=dataclasses.replace(
+                config.interaction, attn_type=mcfg.interaction_attn))
+    elif mcfg.name:
+        config = get_config(mcfg.name, task=task, resolutions=mcfg.resolutions,
+                            interactions=mcfg.interactions, interaction_attn=mcfg.interaction_attn)
+    else:
+        raise ValueError("model.name (a registered variant) or model.piip (a PIIPConfig dict) is required")
+    changes: dict[str, Any] = {}
+    classes = mcfg.num_classes if mcfg.num_classes is not None else num_classes
+    if classes is not None:
+        changes["num_classes"] = int(classes)
+    if mcfg.cls_head is not None:
+        changes["cls_head"] = mcfg.cls_head
+    if mcfg.cls_pool is not None:
+        changes["cls_pool"] = mcfg.cls_pool
+    rates = mcfg.branch_drop_path
+    if rates is None and mcfg.drop_path_rate is not None:
+        rates = [mcfg.drop_path_rate] * config.num_branches
+    if rates is not None:
+        if len(rates) != config.num_branches:
+            raise ValueError(f"model.branch_drop_path needs {config.num_branches} values (branch 1 first), got {rates}")
+        changes["branches"] = tuple(dataclasses.replace(b, drop_path_rate=float(r))
+                                    for b, r in zip(config.branches, rates))
+    if mcfg.interaction_drop_path is not None:
+        changes["interaction"] = dataclasses.replace(config.interaction,
+                                                     drop_path_rate=float(mcfg.interaction_drop_path))
+    config = dataclasses.replace(config, **changes)
+    model = PIIP(config)
+    if mcfg.pretrained or mcfg.branch_weights:
+        from ..weights.pretrained import load_branch_weights
+
+        model.pretrained_report = load_branch_weights(model, mcfg.branch_weights, use_hub=mcfg.pretrained)
+    elif mcfg.checkpoint:
+        from ..weights.checkpoint import load_checkpoint
+
+        load_checkpoint(mcfg.checkpoint, model)
+    return model
+
+
+# -- tasks ---------------------------------------------------------------------------------------
+class ClassificationTask:
+    """Classification: timm Mixup/CutMix, soft-target / label-smoothing cross-entropy, top-1/5."""
+
+    name = "cls"
+    metric = "top1"  # higher is better; picks ``best.pt``
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.mixup = None
+        self.num_classes = None
+
+    def build_datasets(self, cfg: TrainConfig) -> tuple[Dataset, Dataset | None]:
+        from ..data import build_dataset  # the data pipeline module
+
+        train = build_dataset(cfg.data, "train")
+        try:
+            val = build_dataset(cfg.data, "val")
+        except (ValueError, FileNotFoundError, KeyError):
+            val = None
+        return train, val
+
+    def build_model(self, cfg: TrainConfig, train_dataset: Dataset) -> nn.Module:
+        classes = getattr(train_dataset, "classes", None)
+        model = build_model(cfg.model, "cls", len(classes) if classes is not None else None)
+        self.num_classes = model.config.num_classes
+        aug = cfg.aug
+        if aug.mixup > 0 or aug.cutmix > 0:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob,
+                               switch_prob=aug.mixup_switch_prob, label_smoothing=aug.label_smoothing,
+                               num_classes=self.num_classes)
+        return model
+
+    def loss(self, model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, int]:
+        images, targets = batch
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if self.mixup is not None:
+            images, soft = self.mixup(images, targets)
+            logits = model(images)
+            loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            logits = model(images)
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.aug.label_smoothing)
+        return loss, images.shape[0]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device,
+                 amp_dtype: torch.dtype | None) -> dict[str, float]:
+        try:
+            from ..tasks.classification import evaluate
+        except ImportError:
+            evaluate = None
+        if evaluate is not None:
+            m = evaluate(model, loader, self.num_classes, device, amp_dtype)
+            return {"top1": float(m.top1), "top5": float(m.top5), "loss": float(m.loss),
+                    "num_samples": int(m.num_samples)}
+        was_training = model.training
+        model.eval()
+        correct = total = 0
+        loss_sum = 0.0
+        for images, targets in loader:
+            images, targets = images.to(device), targets.to(device)
+            with _autocast(device, amp_dtype):
+                logits = model(images).float()
+            loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+            correct += (logits.argmax(-1) == targets).sum().item()
+            total += targets.numel()
+        model.train(was_training)
+        return {"top1": 100.0 * correct / max(1, total), "loss": loss_sum / max(1, total), "num_samples": total}
+
+
+#: task name -> task class (detection and segmentation register theirs here)
+TASKS: dict[str, Callable[[TrainConfig], Any]] = {"cls": ClassificationTask}
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _amp_dtype(amp: str) -> torch.dtype | None:
+    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if amp not in table:
+        raise ValueError(f"run.amp must be one of {sorted(table)}, got {amp!r}")
+    return table[amp]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _bare(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+class _Progress:
+    """rich progress bar (rank 0, terminals only) with loss, lr, images/s and ETA."""
+
+    def __init__(self, enabled: bool, total: int, completed: int):
+        self.bar = None
+        if not enabled:
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.bar = Progress(TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                            TimeRemainingColumn(), transient=False)
+        self.task = self.bar.add_task("train", total=total, completed=completed, stats="")
+        self.bar.start()
+
+    def update(self, step: int, stats: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, stats=stats)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# -- the loop ------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset: Dataset | None = None,
+          resume: str | bool | None = None, task: Any = None) -> dict[str, Any]:
+    """Train per ``cfg``; returns a summary dict.
+
+    Args:
+        cfg: the run's :class:`TrainConfig` (saved as ``<out_dir>/config.json``).
+        train_dataset, val_dataset: datasets to use instead of ``piip.data.build_dataset(cfg.data)``;
+            items are ``(image, label)``.
+        resume: ``True``/``"auto"`` (the ``latest`` checkpoint of ``cfg.run.out_dir``; a fresh start
+            when there is none) or a checkpoint file / folder.
+        task: a task object (default: ``TASKS[cfg.task](cfg)``).
+
+    Summary keys: ``step`` (optimiser steps done), ``epoch``, ``step_losses`` ({step: mean loss over
+    ranks} of the steps run by this call), ``eval`` (last evaluation), ``best``, ``halted``,
+    ``out_dir``, ``checkpoint`` (last written), ``model_path`` (final safetensors export).
+    """
+    info = D.init_distributed(cfg.run.device)
+    rank, world, device = info.rank, info.world_size, info.device
+    main = rank == 0
+    out_dir = Path(cfg.run.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    task = task or TASKS[cfg.task](cfg)
+    amp_dtype = _amp_dtype(cfg.run.amp)
+    o = cfg.optim
+
+    # resume source
+    resume_path = None
+    if resume:
+        if resume is True or resume == "auto":
+            resume_path = latest_checkpoint(ckpt_dir)
+        else:
+            resume_path = Path(resume)
+    state = load_training_checkpoint(resume_path) if resume_path is not None else None
+
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(out_dir / "config.json")
+
+    # data
+    if train_dataset is None:
+        train_dataset, built_val = task.build_datasets(cfg)
+        val_dataset = val_dataset if val_dataset is not None else built_val
+    if o.batch_size % (world * o.accum_steps):
+        raise ValueError(f"optim.batch_size={o.batch_size} must be divisible by world_size ({world}) x "
+                         f"accum_steps ({o.accum_steps})")
+    micro = o.batch_size // (world * o.accum_steps)
+    sampler = ResumableDistributedSampler(train_dataset, num_replicas=world, rank=rank, shuffle=True,
+                                          seed=cfg.run.seed, drop_last=True)
+    loader_gen = torch.Generator()
+    loader = DataLoader(train_dataset, batch_size=micro, sampler=sampler, num_workers=cfg.run.num_workers,
+                        drop_last=True, pin_memory=device.type == "cuda", generator=loader_gen,
+                        persistent_workers=False)
+    micro_per_epoch = sampler.num_samples // micro
+    steps_per_epoch = micro_per_epoch // o.accum_steps
+    if steps_per_epoch < 1:
+        raise ValueError(f"the training set ({len(train_dataset)} samples) is smaller than one global "
+                         f"batch ({o.batch_size})")
+
+    # model, optimiser, schedule (same seed on every rank for the initialisation)
+    _seed_all(cfg.run.seed)
+    model = task.build_model(cfg, train_dataset).to(device)
+    if cfg.run.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    optimizer = build_optimizer(model, o)
+    scheduler = build_scheduler(optimizer, o, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16")
+    ema = None
+    if cfg.run.ema_decay is not None:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.run.ema_decay)
+
+    epoch, micro_done, step, best = 0, 0, 0, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        if state["world_size"] != world:
+            raise ValueError(f"checkpoint was written by {state['world_size']} processes; resume with the "
+                             f"same world size (got {world}) for an exact continuation")
+        epoch, micro_done, step, best = state["epoch"], state["micro_in_epoch"], state["step"], state.get("best")
+        set_rng_state(state["rng"][rank])
+    else:
+        _seed_all(cfg.run.seed + rank)
+
+    train_model: nn.Module = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.run.compile:
+        train_model = torch.compile(train_model)
+
+    # logs
+    metrics_path = out_dir / "metrics.jsonl"
+    if main:
+        kept = []
+        if state is not None and metrics_path.exists():  # drop records past the checkpoint
+            for line in metrics_path.read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("step", 0) <= step:
+                    kept.append(line)
+        metrics_path.write_text("".join(k + "\n" for k in kept))
+    writer = None
+    if main and cfg.run.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(out_dir / "tensorboard"))
+        except ImportError:
+            print("warning: tensorboard is not installed; run.tensorboard ignored", file=sys.stderr)
+
+    def log(record: dict) -> None:
+        if not main:
+            return
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    writer.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
+
+    def save(kind: str = "step") -> Path | None:
+        rngs = [rng_state()]
+        if world > 1:
+            rngs = [None] * world
+            torch.distributed.all_gather_object(rngs, rng_state())
+        path = None
+        if main:
+            payload = {
+                "model": _bare(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None, "rng": rngs,
+                "epoch": epoch, "micro_in_epoch": micro_done, "step": step, "best": best,
+                "world_size": world, "config": cfg.to_dict(),
+            }
+            if kind == "best":
+                path = atomic_torch_save(payload, ckpt_dir / "best.pt")
+            else:
+                path = save_training_checkpoint(ckpt_dir, payload, step, keep=cfg.run.keep_last)
+        D.barrier()
+        return path
+
+    total_steps = o.epochs * steps_per_epoch
+    progress = _Progress(main and cfg.run.progress and sys.stderr.isatty(), total_steps, step)
+    step_losses: dict[int, float] = {}
+    last_eval: dict | None = None
+    last_ckpt = None
+    halted = False
+    lr_fn = scheduler.lr_lambdas[0]
+    window_t, window_images = time.perf_counter(), 0
+    model.train()
+    try:
+        while epoch < o.epochs and not halted:
+            sampler.set_epoch(epoch)
+            sampler.set_start(micro_done * micro)
+            loader_gen.manual_seed(cfg.run.seed * 100_003 + epoch)
+            batches = iter(loader)
+            while micro_done + o.accum_steps <= micro_per_epoch:
+                losses = []
+                for a in range(o.accum_steps):
+                    batch = next(batches)
+                    sync = (world == 1 or a == o.accum_steps - 1
+                            or not isinstance(train_model, nn.parallel.DistributedDataParallel))
+                    with (contextlib.nullcontext() if sync else train_model.no_sync()):
+                        with _autocast(device, amp_dtype):
+                            loss, n = task.loss(train_model, batch, device)
+                        scaler.scale(loss / o.accum_steps).backward()
+                    losses.append(loss.detach().float())
+                    window_images += n * world
+                micro_done += o.accum_steps
+                if o.clip_grad is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                if ema is not None:
+                    ema.update(model, step=step)
+                loss_value = float(D.all_reduce_mean(torch.stack(losses).mean().double().cpu()))
+                step_losses[step] = loss_value
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"loss is {loss_value} at step {step}")
+                if step % cfg.run.log_every == 0 or step == total_steps:
+                    now = time.perf_counter()
+                    ips = window_images / max(now - window_t, 1e-9)
+                    window_t, window_images = now, 0
+                    lr = o.lr * lr_fn(scheduler.last_epoch)
+                    log({"kind": "train", "step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
+                         "images_per_s": ips, "time": time.time()})
+                    progress.update(step, f"loss {loss_value:.4f}  lr {lr:.2e}  {ips:.1f} img/s")
+                if cfg.run.save_every_steps and step % cfg.run.save_every_steps == 0:
+                    last_ckpt = save()
+                if cfg.run.halt_at_step is not None and step >= cfg.run.halt_at_step:
+                    halted = True
+                    break
+            if halted:
+                break
+            epoch, micro_done = epoch + 1, 0
+            del batches
+            due = cfg.run.eval_every and epoch % cfg.run.eval_every == 0
+            if val_dataset is not None and (due or epoch == o.epochs):
+                last_eval = _evaluate(task, model, ema, val_dataset, micro, device, amp_dtype, cfg) if main else None
+                last_eval = D.broadcast_object(last_eval)
+                log({"kind": "eval", "step": step, "epoch": epoch, **last_eval})
+                score = last_eval.get(getattr(task, "metric", "top1"))
+                is_best = score is not None and (best is None or score > best)
+                if is_best:
+                    best = score
+                last_ckpt = save()
+                if is_best:
+                    save("best")
+            else:
+                last_ckpt = save()
+    finally:
+        progress.close()
+        if writer is not None:
+            writer.close()
+
+    model_path = None
+    if not halted and main:
+        from ..models.piip import PIIP
+        from ..weights.checkpoint import save_checkpoint
+
+        bare = _bare(model)
+        if isinstance(bare, PIIP):
+            model_path = save_checkpoint(bare, out_dir / "model.safetensors")
+            if ema is not None:
+                save_checkpoint(ema.module, out_dir / "model_ema.safetensors")
+    D.barrier()
+    summary = {"step": step, "epoch": epoch, "step_losses": step_losses, "eval": last_eval, "best": best,
+               "halted": halted, "out_dir": str(out_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
+               "model_path": model_path, "world_size": world}
+    if main:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _evaluate(task, model, ema, dataset, batch, device, amp_dtype, cfg) -> dict:
+    gen = torch.Generator().manual_seed(0)  # keep the global RNG untouched
+    loader = DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=cfg.run.num_workers,
+                        generator=gen)
+    was_training = model.training
+    result = task.evaluate(model, loader, device, amp_dtype)
+    if ema is not None:
+        result.update({f"ema_{k}": v for k, v in task.evaluate(ema.module, loader, device, amp_dtype).items()
+                       if k != "num_samples"})
+    model.train(was_training)
+    return result

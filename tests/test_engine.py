@@ -1,0 +1,253 @@
+"""Training engine: parameter groups, exact kill-and-resume, atomic checkpoints, DDP equivalence,
+and a tiny end-to-end run."""
+import json
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import TensorDataset
+
+from piip import BranchConfig, InteractionConfig, PIIPConfig
+from piip.engine import TrainConfig, apply_overrides, build_model, param_rules, train
+from piip.engine.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from piip.engine.config import load_config
+from piip.engine.optim import build_scheduler
+
+NUM_CLASSES = 4
+
+
+def micro_piip(**kw) -> dict:
+    """Three branches, parameter-inverted (48 wide/3 deep @32, 32/2 @48, 16/1 @64)."""
+    def branch(dim, depth, res, heads):
+        groups = ((0, 0), (1, depth - 1)) if depth > 1 else ((0, 0),)
+        return BranchConfig(embed_dim=dim, depth=depth, num_heads=heads, resolution=res,
+                            interaction_indexes=groups, pretrain_img_size=res)
+    b1 = BranchConfig(embed_dim=64, depth=4, num_heads=4, resolution=32,
+                      interaction_indexes=((0, 1), (2, 3)), pretrain_img_size=32)
+    b2 = branch(32, 2, 48, 2)
+    b3 = BranchConfig(embed_dim=32, depth=2, num_heads=2, resolution=64,
+                      interaction_indexes=((0, 0), (1, 1)), pretrain_img_size=64)
+    cfg = PIIPConfig(branches=(b1, b2, b3), task="cls", cls_pool="avg", num_classes=NUM_CLASSES,
+                     interaction=InteractionConfig(num_heads=4, drop_path_rate=0.0), **kw)
+    return cfg.to_dict()
+
+
+def synthetic(n=32, seed=0, size=64):
+    """Class k brightens quadrant k: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % NUM_CLASSES
+    images = torch.randn(n, 3, size, size, generator=g) * 0.5
+    h = size // 2
+    for i, k in enumerate(labels.tolist()):
+        r, c = divmod(k, 2)
+        images[i, :, r * h:(r + 1) * h, c * h:(c + 1) * h] += 2.0
+    ds = TensorDataset(images, labels)
+    ds.classes = [f"c{k}" for k in range(NUM_CLASSES)]
+    return ds
+
+
+def make_cfg(out_dir, *overrides) -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.model.piip = micro_piip()
+    apply_overrides(cfg, [f"run.out_dir={out_dir}", "run.num_workers=0", "run.progress=false",
+                          "run.log_every=1", "run.eval_every=0", "run.device=cpu",
+                          "optim.lr=1e-3", "optim.min_lr=1e-5", "optim.warmup_steps=2",
+                          "optim.weight_decay=0.05", "optim.batch_size=8", "optim.epochs=2",
+                          "aug.label_smoothing=0.1", *overrides])
+    return cfg
+
+
+# -- 1. parameter groups --------------------------------------------------------------------------
+def test_param_groups_multipliers_and_decay_exemptions():
+    cfg = TrainConfig()
+    cfg.model.piip = micro_piip(cls_head="merged")
+    model = build_model(cfg.model, "cls")
+    # a class token on branch 1 to check its exemption
+    cfg.model.piip["branches"][0]["class_token"] = True
+    model_tok = build_model(cfg.model, "cls")
+    rules = param_rules(model_tok, weight_decay=0.1, new_module_lr_mult=10.0)
+    for name, rule in rules.items():
+        new = name.startswith(("interactions.", "classifier."))
+        assert rule.lr_scale == (10.0 if new else 1.0), name
+        assert rule.new_module == new
+    wd = {n: r.weight_decay for n, r in rules.items()}
+    assert wd["branches.0.cls_token"] == 0 and wd["branches.0.pos_embed"] == 0
+    assert wd["branches.0.blocks.0.norm1.weight"] == 0 and wd["branches.0.blocks.0.attn.qkv.bias"] == 0
+    assert wd["branches.0.blocks.0.ls1.gamma"] == 0
+    assert wd["branches.0.blocks.0.attn.qkv.weight"] == 0.1
+    assert wd["branches.0.patch_embed.proj.weight"] == 0.1
+    gates = [n for n in wd if n.endswith(("ca_gamma", "cffn_gamma"))]
+    assert gates and all(wd[n] == 0 for n in gates)
+    assert all(r.weight_decay == 0.1 for n, r in rules.items()
+               if n.startswith("interactions.") and n.endswith(".weight") and "norm" not in n
+               and torch.Tensor.dim(dict(model_tok.named_parameters())[n]) > 1)
+    merge_weights = [n for n in wd if n.endswith("merge.weights")]
+    assert all(wd[n] == 0 for n in merge_weights)
+    assert len(rules) == len(list(model.named_parameters())) + 1
+
+
+def test_layer_decay_aligns_last_blocks():
+    cfg = TrainConfig()
+    cfg.model.piip = micro_piip()
+    model = build_model(cfg.model, "cls")
+    rules = param_rules(model, weight_decay=0.05, new_module_lr_mult=10.0, layer_decay=0.5)
+    ids = {n: r.layer_id for n, r in rules.items()}
+    # depths 4/2/2 -> num_layers 4, strides 1/2/2; Ltot = 6
+    assert ids["branches.0.pos_embed"] == 0 and ids["branches.2.patch_embed.proj.weight"] == 0
+    assert ids["branches.0.blocks.3.mlp.fc1.weight"] == 4
+    assert ids["branches.1.blocks.1.mlp.fc1.weight"] == 4 and ids["branches.2.blocks.1.attn.qkv.weight"] == 4
+    assert ids["branches.1.blocks.0.norm1.weight"] == 2 and ids["branches.0.blocks.1.norm1.weight"] == 2
+    assert ids["branches.0.blocks.0.norm1.weight"] == 1
+    assert rules["branches.0.blocks.3.norm1.weight"].lr_scale == pytest.approx(0.5)
+    assert rules["branches.2.blocks.1.norm1.weight"].lr_scale == pytest.approx(0.5)
+    assert rules["branches.0.pos_embed"].lr_scale == pytest.approx(0.5 ** 5)
+    inter = [r for n, r in rules.items() if n.startswith("interactions.")]
+    assert inter and all(r.layer_id == 5 and r.lr_scale == pytest.approx(10.0) for r in inter)
+    assert rules["branches.0.head.weight"].lr_scale == pytest.approx(1.0)
+    # the original's explicit setting (num_layers, skip) gives the same ids here
+    explicit = param_rules(model, weight_decay=0.05, layer_decay=0.5, layer_decay_num_layers=4,
+                           layer_decay_skip=[2, 2])
+    assert {n: r.layer_id for n, r in explicit.items()} == ids
+
+
+def test_schedule_warmup_and_cosine():
+    cfg = TrainConfig()
+    apply_overrides(cfg, ["optim.lr=1e-3", "optim.warmup_steps=4", "optim.warmup_lr=0",
+                          "optim.min_lr=1e-5", "optim.epochs=2"])
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [p], "lr": 1e-2}])  # a 10x group
+    sched = build_scheduler(opt, cfg.optim, steps_per_epoch=7)
+    lrs = []
+    for _ in range(14):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == 0 and lrs[2] == pytest.approx(5e-3) and lrs[4] == pytest.approx(1e-2)
+    assert lrs[-1] == pytest.approx(1e-4)  # min_lr, times the group's 10x
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_config_overrides_and_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  name: piip_tsb_deit\noptim:\n  lr: 1.0e-4\n")
+    cfg = load_config(path, ["optim.clip_grad=1.5", "run.ema_decay=none", "run.compile=true",
+                             "model.branch_drop_path=[0.1,0.05,0.0]", "optim.epochs=3", "data.limit=10"])
+    assert cfg.optim.lr == 1e-4 and cfg.optim.clip_grad == 1.5 and cfg.run.compile is True
+    assert cfg.model.branch_drop_path == [0.1, 0.05, 0.0] and cfg.optim.epochs == 3
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match="unknown config key"):
+        apply_overrides(cfg, ["optim.lrr=1"])
+    with pytest.raises(ValueError):
+        apply_overrides(cfg, ["optim.epochs=abc"])
+
+
+# -- 2. kill and resume -------------------------------------------------------------------------
+def test_kill_and_resume_reproduces_every_step(tmp_path):
+    data = synthetic(16)
+    # drop path, mixup and EMA all draw randomness; 2 epochs x 2 steps, accumulation 2
+    common = ["model.drop_path_rate=0.1", "aug.mixup=0.8", "aug.cutmix=1.0", "run.ema_decay=0.9",
+              "optim.accum_steps=2", "optim.clip_grad=1.0"]
+    full = train(make_cfg(tmp_path / "full", *common), train_dataset=data)
+    assert sorted(full["step_losses"]) == [1, 2, 3, 4]
+
+    cut = tmp_path / "cut"
+    first = train(make_cfg(cut, *common, "run.save_every_steps=1", "run.keep_last=0", "run.halt_at_step=3"), train_dataset=data)
+    assert first["halted"] and sorted(first["step_losses"]) == [1, 2, 3]
+    # a kill right after step 3's checkpoint -> resume mid-epoch (epoch 1, first step done)
+    second = train(make_cfg(cut, *common, "run.keep_last=0"), train_dataset=data, resume=True)
+    assert sorted(second["step_losses"]) == [4]
+    merged = {**first["step_losses"], **second["step_losses"]}
+    assert merged == full["step_losses"]  # bit-exact
+
+    # resume from an earlier checkpoint (step 2, an epoch boundary) re-runs steps 3, 4 identically
+    third = train(make_cfg(cut, *common), train_dataset=data, resume=str(cut / "checkpoints" / "step-00000002.pt"))
+    assert third["step_losses"] == {k: full["step_losses"][k] for k in (3, 4)}
+    a = load_training_checkpoint(tmp_path / "full")
+    b = load_training_checkpoint(cut)
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+    for k in a["ema"]:
+        torch.testing.assert_close(a["ema"][k], b["ema"][k], rtol=0, atol=0)
+    records = [json.loads(l) for l in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+
+
+# -- 3. atomic save --------------------------------------------------------------------------------
+def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
+    good = {"step": 1, "w": torch.arange(10.0)}
+    save_training_checkpoint(tmp_path, good, step=1)
+    assert latest_checkpoint(tmp_path).name == "step-00000001.pt"
+
+    real_save = torch.save
+
+    def crashing_save(obj, f, *a, **k):
+        f.write(b"partial garbage")  # some bytes hit the disk, then the process "dies"
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_training_checkpoint(tmp_path, {"step": 2, "w": torch.zeros(10)}, step=2)
+    monkeypatch.setattr(torch, "save", real_save)
+    latest = latest_checkpoint(tmp_path)
+    assert latest.name == "step-00000001.pt"
+    state = load_training_checkpoint(tmp_path)
+    assert state["step"] == 1 and torch.equal(state["w"], good["w"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001.pt"]  # no tmp left
+
+    # keep_last prunes old step files; 'latest' always names a complete one
+    for s in (2, 3, 4):
+        save_training_checkpoint(tmp_path, {"step": s}, step=s, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step-*.pt")) == ["step-00000003.pt", "step-00000004.pt"]
+    assert load_training_checkpoint(tmp_path)["step"] == 4
+
+
+# -- 4. DDP (gloo, CPU) == one process with the same global batch ---------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out_dir, overrides):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from piip.engine.distributed import cleanup
+
+    try:
+        train(make_cfg(out_dir, *overrides), train_dataset=synthetic(32))
+    finally:
+        cleanup()
+
+
+def test_two_process_ddp_matches_single_process(tmp_path):
+    overrides = ["optim.epochs=1", "optim.clip_grad=1.0", "aug.label_smoothing=0.1"]  # 4 steps, batch 8
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), overrides), nprocs=2, join=True)
+    single = train(make_cfg(tmp_path / "single", *overrides), train_dataset=synthetic(32))
+    ddp_state = load_training_checkpoint(tmp_path / "ddp")
+    one_state = load_training_checkpoint(tmp_path / "single")
+    assert ddp_state["step"] == one_state["step"] == 4 and ddp_state["world_size"] == 2
+    for k, v in one_state["model"].items():
+        torch.testing.assert_close(ddp_state["model"][k], v, rtol=1e-5, atol=1e-5, msg=k)
+    ddp_losses = [json.loads(l)["loss"] for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert ddp_losses == pytest.approx(list(single["step_losses"].values()), rel=1e-5)
+
+
+# -- 5. end to end -------------------------------------------------------------------------------
+def test_tiny_end_to_end_loss_decreases(tmp_path):
+    cfg = make_cfg(tmp_path, "optim.epochs=4", "optim.lr=2e-3", "run.eval_every=2", "optim.new_module_lr_mult=10")
+    summary = train(cfg, train_dataset=synthetic(32), val_dataset=synthetic(16, seed=1))
+    losses = list(summary["step_losses"].values())
+    assert len(losses) == 16 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
+    assert summary["eval"]["num_samples"] == 16 and summary["best"] is not None
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "checkpoints" / "best.pt").is_file()
+    assert TrainConfig.from_json((tmp_path / "config.json").read_text()).to_json() == cfg.to_json()
+    import piip
+
+    model = piip.load(summary["model_path"])
+    assert model.config.num_classes == NUM_CLASSES
