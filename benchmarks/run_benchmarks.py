@@ -4,6 +4,8 @@ Runs (each model in a fresh subprocess, forward only, batch 1, no grad):
   1. PIIP-TSB 1120/896/448 vs ViT-B 1024 (fp32): latency ratio and achieved MACs/s;
   2. PIIP-TSB bf16 autocast vs fp32: speed-up and output error (at --bf16-resolutions);
   3. PIIP-TSB 1568/1120/672 vs ViT-B 1024 (fp32): peak memory.
+Latency cases run with the CPU allocator tuning of piip.analysis.bench (both sides alike); the memory
+case runs with glibc's defaults so retained free memory does not count.
 Prints a markdown table and writes it with the raw JSON to ``--out`` (default benchmarks/results).
 
     python benchmarks/run_benchmarks.py [--repeat 3] [--device cpu]
@@ -57,12 +59,15 @@ def main() -> None:
     for label, name, overrides, dtype, base_name, base_overrides, base_dtype, target in CASES:
         if dtype == "bf16":
             overrides = base_overrides = {"resolutions": args.bf16_resolutions}
+        # retained free heap would count as resident memory: measure memory with default malloc
+        tune = not label.startswith("memory")
         print(f"running: {label}", flush=True)
-        model = benchmark(name, dtype=dtype, **common, **overrides)
-        base = benchmark(base_name, dtype=base_dtype, **common, **base_overrides)
+        model = benchmark(name, dtype=dtype, tune_malloc=tune, **common, **overrides)
+        base = benchmark(base_name, dtype=base_dtype, tune_malloc=tune, **common, **base_overrides)
         r = compare(model, base)
         describe = lambda b: (f"{b.name} {b.resolutions} {b.dtype}: {b.latency_ms / 1e3:.2f} s, "  # noqa: E731
-                              f"{b.macs / 1e9:.0f} GMACs, {b.peak_memory_mb:.0f} MiB")
+                              f"{b.macs / 1e9:.0f} GMACs, {b.peak_memory_mb:.0f} MiB"
+                              f"{', malloc tuned' if b.malloc_tuned else ''}")
         error = f"{r['output_rel_error']:.2e}" if "output_rel_error" in r else "-"
         lines.append(f"| {label} | {describe(model)} | {describe(base)} | {r['latency']:.3f} | "
                      f"{r['speedup']:.2f}x | {r['macs']:.3f} | {r['macs_per_s']:.3f} | {r['peak_memory']:.3f} | "

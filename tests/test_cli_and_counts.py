@@ -91,3 +91,15 @@ def test_convert_command_on_an_mmdetection_style_checkpoint(tmp_path, capsys):
         expected = tensors[f"output/{i}"]
         assert ((produced - expected).norm() / expected.norm()).item() < 1e-4
     assert main(["convert", str(tmp_path / "missing.pth"), "--config", "piip_tsb", "-o", str(out)]) == 2
+
+
+def test_bench_measures_in_a_subprocess_and_compares(capsys):
+    assert main(["bench", "piip_tsb", "--resolutions", "192/160/128", "--baseline", "piip_tsb",
+                 "--baseline-resolutions", "192/160/128", "--repeat", "1", "--warmup", "0", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    model, base, ratios = record["model"], record["baseline"], record["ratios"]
+    assert model["latency_ms"] > 0 and model["peak_memory_mb"] > 0 and model["malloc_tuned"]
+    expected = actual_complexity(get_config("piip_tsb", resolutions="192/160/128"))
+    assert model["macs"] == expected.macs and model["params"] == expected.params
+    assert ratios["macs"] == 1.0
+    assert ratios["output_rel_error"] == 0.0  # same seed, same weights, same images, same dtype

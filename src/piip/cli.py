@@ -75,7 +75,8 @@ def _cmd_flops(args: argparse.Namespace) -> None:
 def _cmd_bench(args: argparse.Namespace) -> None:
     from .analysis.bench import benchmark, compare
 
-    common = dict(batch=args.batch, repeat=args.repeat, warmup=args.warmup, device=args.device)
+    common = dict(batch=args.batch, repeat=args.repeat, warmup=args.warmup, device=args.device,
+                  tune_malloc=not args.no_tune_malloc)
     with console.status(f"benchmarking {args.name} ({args.dtype}) ..."):
         model = benchmark(args.name, dtype=args.dtype, **common, **_overrides(args))
     baseline_overrides = {"task": args.task}
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-tune-malloc", action="store_true",
+                   help="run with glibc's default allocator settings (see piip.analysis.bench)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_bench)
 
