@@ -2,6 +2,7 @@
 import dataclasses
 import math
 import resource
+from functools import partial
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ def test_cls_logits_are_the_mean_of_branch_heads():
     model = piip.PIIP(config).eval()
     images = torch.randn(1, 3, 128, 128)
     tokens, _ = model.forward_tokens(images)
-    expected = sum(b.head(b.norm(x).mean(1)) for b, x in zip(model.branches, tokens)) / 3
+    expected = sum(b.head(b.fc_norm(x.mean(1))) for b, x in zip(model.branches, tokens)) / 3
     torch.testing.assert_close(model(images), expected)
 
 
@@ -87,6 +88,25 @@ def test_zero_gates_branch_tokens_equal_timm_forward_features():
                 p.fill_(0.5)
         changed, _ = model.forward_tokens(images)
     assert all((a - b).abs().max() > 1e-3 for a, b in zip(changed, tokens))
+
+
+def test_avg_pool_classifier_is_timms_avg_pool_vit():
+    """A single-branch avg-pool classifier is timm's average-pooling ViT: mean of the patch tokens,
+    then the final LayerNorm (``fc_norm``), then the head."""
+    config = piip.PIIPConfig(branches=(tiny_branch(32, 64, groups=()),), task="cls", num_classes=5,
+                             cls_pool="avg")
+    model = piip.PIIP(config).eval()
+    assert isinstance(model.branches[0].fc_norm, torch.nn.LayerNorm)
+    torch.nn.init.normal_(model.branches[0].fc_norm.weight, mean=1.0, std=0.3)
+    c = config.branches[0]
+    vit = VisionTransformer(img_size=c.pretrain_img_size, patch_size=c.patch_size, num_classes=5,
+                            embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads, class_token=False,
+                            no_embed_class=True, global_pool="avg", init_values=c.init_values,
+                            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)).eval()
+    vit.load_state_dict({k.removeprefix("branches.0."): v for k, v in model.state_dict().items()})
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), vit(images), rtol=1e-5, atol=1e-5)
 
 
 def _reference_window_attention(attn, x, hw, window):

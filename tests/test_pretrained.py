@@ -261,7 +261,8 @@ def test_augreg_into_an_internvit_style_branch(tmp_path, fmt, no_network):
 
     internvit = dict(class_token=True, pos_embed_class_row=True, family="internvit",
                      drop_path_schedule="linear")
-    model = PIIP(tiny_config("cls", num_classes=10, cls_pool="avg", b2=internvit)).eval()
+    model = PIIP(tiny_config("cls", num_classes=10, cls_pool="class_token", b1=dict(class_token=True),
+                             b2=internvit, b3=dict(class_token=True))).eval()
     report = load_branch_weights(model, {"branch2": path}, use_hub=False)
 
     branch = model.branches[1]
@@ -279,7 +280,7 @@ def test_augreg_into_an_internvit_style_branch(tmp_path, fmt, no_network):
     with torch.no_grad():
         x, hw = branch.embed(image)
         x = branch.forward_blocks(x, hw, 0, branch.config.depth - 1)
-        logits = branch.forward_head(x, "class_token")
+        logits = branch.forward_head(x)
         ref = src.forward_head(src.forward_features(image))
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
 

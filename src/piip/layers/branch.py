@@ -111,9 +111,12 @@ class ViTBranch(nn.Module):
         config: the branch's architecture and layout.
         num_classes: width of the branch's classification head; ``0`` builds no final norm and
             no head (dense tasks, or a merged classification head).
+        pool: how the head reads the tokens (see :meth:`forward_head`). ``"avg"`` follows timm's
+            average-pooling ViTs: mean of the patch tokens, then the final norm (``fc_norm``);
+            the token pools normalise every token (``norm``) and read one.
     """
 
-    def __init__(self, config: BranchConfig, num_classes: int = 0):
+    def __init__(self, config: BranchConfig, num_classes: int = 0, pool: str = "class_token"):
         super().__init__()
         self.config = config
         self.patch_size = config.patch_size
@@ -127,7 +130,7 @@ class ViTBranch(nn.Module):
             img_size=config.pretrain_img_size,
             patch_size=config.patch_size,
             num_classes=num_classes,
-            global_pool="token" if config.class_token else "avg",
+            global_pool="avg" if pool == "avg" else "token" if config.class_token else "",
             embed_dim=config.embed_dim,
             depth=config.depth,
             num_heads=config.num_heads,
@@ -142,6 +145,7 @@ class ViTBranch(nn.Module):
             act_layer=_ACTS[config.act_layer],
             attn_layer=FullWidthQKNormAttention if config.qk_norm else Attention,
             final_norm=num_classes > 0,
+            fc_norm=pool == "avg",
         )
         self.patch_embed = vit.patch_embed
         self.cls_token = vit.cls_token
@@ -157,7 +161,9 @@ class ViTBranch(nn.Module):
             block.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
             block.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
         if num_classes > 0:
+            self.pool = pool
             self.norm = vit.norm
+            self.fc_norm = vit.fc_norm
             self.head = vit.head
         self._pos_cache: dict[tuple, torch.Tensor] = {}
 
@@ -221,20 +227,17 @@ class ViTBranch(nn.Module):
         return x
 
     # -- head ----------------------------------------------------------------------------------
-    def forward_head(self, x: torch.Tensor, pool: str) -> torch.Tensor:
-        """Logits from the full token sequence with the branch's pretrained norm and head.
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from the full token sequence with the branch's final norm and head.
 
-        ``pool``: ``"class_token"``, ``"first_patch"`` (the authors' classification checkpoints
-        read the first *patch* token) or ``"avg"`` (mean of the patch tokens).
+        The constructor's ``pool``: ``"class_token"``, ``"first_patch"`` (the authors'
+        classification checkpoints read the first *patch* token) or ``"avg"`` (mean of the patch
+        tokens, then ``fc_norm``).
         """
+        if self.pool == "avg":
+            return self.head(self.fc_norm(x[:, self.num_prefix_tokens:].mean(dim=1)))
         x = self.norm(x)
-        if pool == "class_token":
-            x = x[:, 0]
-        elif pool == "first_patch":
-            x = x[:, self.num_prefix_tokens]
-        else:
-            x = x[:, self.num_prefix_tokens:].mean(dim=1)
-        return self.head(x)
+        return self.head(x[:, 0] if self.pool == "class_token" else x[:, self.num_prefix_tokens])
 
     def extra_repr(self) -> str:
         c = self.config

@@ -60,7 +60,8 @@ class PIIP(nn.Module):
         self.config = config
         per_branch_heads = config.task == "cls" and config.cls_head == "per_branch"
         self.branches = nn.ModuleList(
-            ViTBranch(b, num_classes=config.num_classes if per_branch_heads else 0) for b in config.branches)
+            ViTBranch(b, num_classes=config.num_classes if per_branch_heads else 0, pool=config.cls_pool)
+            for b in config.branches)
         dims = [b.embed_dim for b in config.branches]
         self.interactions = nn.ModuleList(
             Interaction(dims, config.interaction) for _ in range(config.num_interactions)
@@ -179,7 +180,7 @@ class PIIP(nn.Module):
         if self.classifier is not None:
             return self.classifier(self.forward_features(images))
         tokens, _ = self.forward_tokens(images)
-        logits = [b.forward_head(x, self.config.cls_pool) for b, x in zip(self.branches, tokens)]
+        logits = [b.forward_head(x) for b, x in zip(self.branches, tokens)]
         return torch.stack(logits).mean(dim=0)
 
     # -- training helpers (timm's model API) ---------------------------------------------------

@@ -473,6 +473,10 @@ def adapt_branch_state_dict(
                 if v is not None:
                     used.add(key)
                 continue
+        if key.startswith("fc_norm.") and key not in src:
+            report.initialised[key] = ("the file has no fc_norm (a class-token model): the average-pool "
+                                       "head's norm starts at its initialisation")
+            continue
         if key in src:
             used.add(key)
             if src[key].shape == tgt.shape:
