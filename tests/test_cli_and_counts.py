@@ -10,8 +10,11 @@ from piip.cli import main
 from piip.models.registry import get_config, list_models
 
 
-@pytest.mark.parametrize("name", list_models())
-def test_flops_json_answers_every_registered_name(name, capsys):
+PAPER_VARIANTS = [n for n in list_models() if "fmnist" not in n]
+
+
+@pytest.mark.parametrize("name", PAPER_VARIANTS)
+def test_flops_json_answers_every_paper_variant(name, capsys):
     assert main(["flops", name, "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["name"] == name and record["convention"] == "paper"
@@ -27,6 +30,15 @@ def test_flops_overrides_and_cls(capsys):
     assert main(["flops", "piip_tsb", "--interactions", "2", "--attn", "regular", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["interactions"] == 2 and record["attn"] == "regular" and abs(record["macs"] / 1e9 - 245) < 1.5
+
+
+def test_flops_of_the_tiny_patch_4_variants(capsys):
+    """The paper convention is the authors' patch-16 script: it refuses patch 4 and says what to use."""
+    assert main(["flops", "piip_fmnist_tsb", "--task", "cls", "--convention", "actual", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["resolutions"] == "28/20/12" and 1e6 < record["params"] < 2e6 and 1e7 < record["macs"] < 3e7
+    assert main(["flops", "piip_fmnist_tsb"]) == 2
+    assert "--convention actual" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv,message", [

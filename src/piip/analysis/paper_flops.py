@@ -310,6 +310,11 @@ def paper_complexity(config: PIIPConfig, *, window_padding: bool = True) -> Pape
     Returns a :class:`PaperComplexity` with ``params``, ``macs`` and ``parts`` (one per branch,
     ``interactions``, ``merge`` and ``head``); each part has a finer ``items`` breakdown.
     """
+    other = sorted({b.patch_size for b in config.branches} - {_FORMULA_PATCH})
+    if other:
+        raise ValueError(f"the paper convention reproduces the authors' counting script, which assumes "
+                         f"patch {_FORMULA_PATCH}; {config.name or 'this model'} uses patch {other[0]}: "
+                         "count it with convention='actual' (--convention actual)")
     parts = [_branch(b, i + 1, window_padding) for i, b in enumerate(config.branches)]
     multi = config.num_branches > 1
     if multi:

@@ -39,7 +39,7 @@ def register_variant(name: str, *, aliases: Sequence[str] = (), description: str
 
 
 def _ensure_loaded() -> None:
-    from . import variants  # noqa: F401  (registers the paper's variants on import)
+    from . import tiny, variants  # noqa: F401  (register their variants on import)
 
 
 def list_models(pattern: str = "*", include_aliases: bool = False) -> list[str]:
