@@ -14,6 +14,12 @@ if not FIXTURES.is_dir() or not any(FIXTURES.glob("*.json")):
     raise RuntimeError(f"the official fixtures are missing: expected them under {FIXTURES} "
                        "(set PIIP_OFFICIAL_FIXTURES to their folder)")
 
+#: Tests that read real Fashion-MNIST (Debian's dataset-fashion-mnist; `make test` installs it).
+FMNIST = os.environ.get("PIIP_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
+needs_fmnist = pytest.mark.skipif(
+    not os.path.isdir(FMNIST),
+    reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist (or set PIIP_FASHION_MNIST)")
+
 
 def tiny_branch(dim: int, res: int, *, depth: int = 2, heads: int = 2, groups=((0, 0), (1, 1)), **kw) -> BranchConfig:
     return BranchConfig(embed_dim=dim, depth=depth, num_heads=heads, resolution=res,

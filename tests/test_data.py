@@ -16,12 +16,7 @@ from piip.data import (FASHION_MNIST_CLASSES, DataConfig, build_dataset, build_t
                        check_num_classes, resolve_data_arg)
 from piip.tasks import evaluate
 
-from conftest import tiny_config
-
-FMNIST = os.environ.get("PIIP_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(
-    not os.path.isdir(FMNIST),
-    reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist (or set PIIP_FASHION_MNIST)")
+from conftest import FMNIST, needs_fmnist, tiny_config
 
 
 def tiny_cls_model(num_classes: int = 10) -> PIIP:
@@ -258,3 +253,22 @@ def test_cli_eval_cls_imagefolder(tmp_path, capsys):
     assert main(["eval", "cls", "--checkpoint", str(path), "--data", str(tmp_path / "data"), "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["num_samples"] == 9 and record["classes"] == ["cat", "dog", "eel"]
+
+
+def test_cli_train_then_eval_cls_on_an_imagefolder(tmp_path, capsys):
+    """`piip train cls` and `piip eval cls` on an ImageFolder tree (a corrupt training image is
+    skipped with a warning): the image size comes from the model, the head from the class folders."""
+    data = make_folder(tmp_path / "data", per_class=6)
+    run = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="broken.png"):
+        assert main(["train", "cls", "fashion_mnist", "data.dataset=imagefolder", f"data.root={data}",
+                     "model.name=vit_fmnist_t", "optim.epochs=1", "optim.batch_size=6",
+                     f"run.out_dir={run}", "run.progress=false", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 3 and summary["eval"]["num_samples"] == 18
+    assert json.loads((run / "config.json").read_text())["data"]["dataset"] == "imagefolder"
+    assert main(["eval", "cls", "--checkpoint", str(run / "model.safetensors"), "--data", str(data),
+                 "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["classes"] == ["cat", "dog", "eel"] and record["num_samples"] == 18
+    assert record["top1"] == pytest.approx(summary["eval"]["top1"])

@@ -16,6 +16,8 @@ from piip.engine.checkpoint import latest_checkpoint, load_training_checkpoint, 
 from piip.engine.config import load_config
 from piip.engine.optim import build_scheduler
 
+from conftest import needs_fmnist
+
 NUM_CLASSES = 4
 
 
@@ -251,3 +253,28 @@ def test_tiny_end_to_end_loss_decreases(tmp_path):
 
     model = piip.load(summary["model_path"])
     assert model.config.num_classes == NUM_CLASSES
+
+
+def test_grad_checkpointing_and_bf16_runs_follow_the_fp32_run(tmp_path):
+    """Activation checkpointing recomputes the same numbers (same losses at every step); bf16
+    autocast trains the same model within bf16 precision."""
+    runs = {}
+    for name, extra in {"fp32": [], "ckpt": ["run.grad_checkpointing=true"], "bf16": ["run.amp=bf16"]}.items():
+        cfg = make_cfg(tmp_path / name, "optim.epochs=1", *extra)
+        runs[name] = list(train(cfg, train_dataset=synthetic(24))["step_losses"].values())
+    assert len(runs["fp32"]) == 3
+    assert runs["ckpt"] == pytest.approx(runs["fp32"], rel=1e-5)
+    assert runs["bf16"] == pytest.approx(runs["fp32"], rel=3e-2)
+
+
+@needs_fmnist
+def test_tiny_run_on_real_fashion_mnist_images_loss_decreases(tmp_path):
+    """The shipped recipe and tiny PIIP on 512 real Fashion-MNIST images: loss goes down."""
+    cfg = load_config("fashion_mnist", [f"run.out_dir={tmp_path}", "run.progress=false", "run.log_every=1",
+                                        "data.limit=512", "optim.batch_size=64", "optim.epochs=3",
+                                        "optim.warmup_epochs=0.3", "run.save_every_steps=0"])
+    summary = train(cfg)
+    losses = list(summary["step_losses"].values())
+    assert len(losses) == 24 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
+    assert summary["eval"]["num_samples"] == 512 and summary["images_seen"] == 24 * 64

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 #: Where the Debian package ``dataset-fashion-mnist`` installs the IDX files.
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_SIZE = 28
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -72,9 +73,10 @@ class DataConfig:
         root: dataset folder. Fashion-MNIST: the folder with the IDX files (default:
             ``$PIIP_FASHION_MNIST`` or ``/usr/share/datasets/fashion-mnist``); ImageFolder: the
             folder holding ``train/`` and ``val/`` (required).
-        image_size: side of the square images fed to the model (its finest branch's resolution;
-            64 suits the tiny Fashion-MNIST models). ``None`` means "the model's input size" and
-            must be resolved before building (``evaluate_checkpoint`` does).
+        image_size: side of the square images fed to the model (its finest branch's resolution).
+            ``None`` (default) means "the model's input size", resolved by the trainer and by
+            ``evaluate_checkpoint`` before the dataset is built (a bare Fashion-MNIST dataset
+            keeps its native 28 pixels).
         augment: training augmentation, ``"auto"`` | ``"timm"`` | ``"light"`` | ``"none"`` (see the
             module docstring); ``"auto"`` is ``"light"`` for Fashion-MNIST, ``"timm"`` otherwise.
         auto_augment: timm auto-augment policy (``"timm"`` augment only; ``None`` disables).
@@ -88,7 +90,7 @@ class DataConfig:
 
     dataset: str = "fashion_mnist"
     root: str | None = None
-    image_size: int | None = 64
+    image_size: int | None = None
     augment: str = "auto"
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     color_jitter: float = 0.3
@@ -118,6 +120,15 @@ class DataConfig:
         if self.augment != "auto":
             return self.augment
         return "light" if self.dataset == "fashion_mnist" else "timm"
+
+    @property
+    def resolved_image_size(self) -> int:
+        if self.image_size is not None:
+            return int(self.image_size)
+        if self.dataset == "fashion_mnist":
+            return FASHION_MNIST_SIZE
+        raise ValueError("DataConfig.image_size is None: set it to the model's input size "
+                         "(model.config.input_size) before building an ImageFolder dataset")
 
     @property
     def resolved_crop_pct(self) -> float:
@@ -276,22 +287,20 @@ def build_transforms(cfg: DataConfig, train: bool) -> Callable:
     """
     from timm.data import create_transform
 
-    if cfg.image_size is None:
-        raise ValueError("DataConfig.image_size is None: set it to the model's input size "
-                         "(model.config.input_size) before building transforms")
+    size = cfg.resolved_image_size
     augment = cfg.resolved_augment if train else "none"
     if cfg.dataset == "fashion_mnist" and augment in ("light", "none") and cfg.resolved_crop_pct == 1.0:
-        return LightTrainTransform(cfg.image_size, cfg.mean, cfg.std, train=augment == "light")
+        return LightTrainTransform(size, cfg.mean, cfg.std, train=augment == "light")
     if augment == "light":
         raise ValueError("augment='light' is for Fashion-MNIST's 28x28 tensors; use 'timm' or 'none' "
                          "for ImageFolder datasets")
     if augment == "timm":
         transform = create_transform(
-            cfg.image_size, is_training=True, auto_augment=cfg.auto_augment, color_jitter=cfg.color_jitter,
+            size, is_training=True, auto_augment=cfg.auto_augment, color_jitter=cfg.color_jitter,
             interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std, re_prob=0.0)
         _patch_posterize(transform)
     else:
-        transform = create_transform(cfg.image_size, is_training=False, interpolation=cfg.interpolation,
+        transform = create_transform(size, is_training=False, interpolation=cfg.interpolation,
                                      mean=cfg.mean, std=cfg.std, crop_pct=cfg.resolved_crop_pct)
     if cfg.dataset == "fashion_mnist":
         return _Compose(_ToPILRGB(), transform)
@@ -448,9 +457,9 @@ def build_dataset(cfg: DataConfig, split: str, transform: Callable | None = None
     """
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+    root = cfg.resolved_root()
     if transform is None:
         transform = build_transforms(cfg, train=split == "train")
-    root = cfg.resolved_root()
     if cfg.dataset == "fashion_mnist":
         return FashionMNIST(root, split, transform=transform, limit=cfg.limit)
     if not os.path.isdir(root):

@@ -16,7 +16,8 @@ Example (JSON)::
 
 ``model.piip`` may hold a whole :class:`~piip.models.config.PIIPConfig` dict (``PIIPConfig.to_dict()``
 layout: explicit branch widths, depths, resolutions, interaction groups) instead of a registered
-``model.name``; ``configs/fashion_mnist_piip_tiny.json`` uses that to define a tiny 3-branch model.
+``model.name``. The configs shipped in ``piip/configs/`` are loaded by name
+(``load_config("fashion_mnist_piip_tsb")``).
 """
 from __future__ import annotations
 
@@ -29,15 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-try:  # the data pipeline is its own module; keep the engine importable without it
-    from ..data import DataConfig  # type: ignore[attr-defined]
-    _HAVE_DATA_CONFIG = True
-except Exception:  # pragma: no cover - depends on the checkout
-    DataConfig = None  # type: ignore[assignment]
-    _HAVE_DATA_CONFIG = False
+from ..data import DataConfig
 
-__all__ = ["ModelConfig", "OptimConfig", "AugConfig", "RunConfig", "TrainConfig",
-           "load_config", "apply_overrides", "parse_value"]
+__all__ = ["ModelConfig", "OptimConfig", "AugConfig", "RunConfig", "TrainConfig", "CONFIG_DIR",
+           "list_configs", "resolve_config_path", "load_config", "apply_overrides", "parse_value"]
 
 
 @dataclass
@@ -171,18 +167,13 @@ class RunConfig:
     device: str = "auto"
 
 
-def _default_data():
-    return DataConfig() if _HAVE_DATA_CONFIG else {}
-
-
 @dataclass
 class TrainConfig:
-    """A whole training run. ``data`` is :class:`piip.data.DataConfig` (a plain dict when that
-    module is unavailable, passed through to ``piip.data.build_dataset``)."""
+    """A whole training run."""
 
     task: str = "cls"
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: Any = field(default_factory=_default_data)
+    data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -207,15 +198,6 @@ class TrainConfig:
 
 
 # -- construction and coercion -----------------------------------------------------------------
-def _hints(cls) -> dict[str, Any]:
-    if cls is not TrainConfig:
-        return typing.get_type_hints(cls)
-    hints = typing.get_type_hints(cls, globalns={**globals(), "DataConfig": DataConfig or dict})
-    if cls is TrainConfig:
-        hints["data"] = DataConfig if _HAVE_DATA_CONFIG else dict
-    return hints
-
-
 def _build(cls, data: Any, where: str):
     if not isinstance(data, dict):
         raise ValueError(f"config section {where or '<root>'} must be a mapping, got {data!r}")
@@ -224,7 +206,7 @@ def _build(cls, data: Any, where: str):
     if unknown:
         raise ValueError(f"unknown config key(s) {[f'{where}{u}' for u in unknown]}; "
                          f"{cls.__name__} fields are {sorted(names)}")
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         tp = hints[key]
@@ -328,7 +310,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str] | dict[str, str]) -> 
         if leaf not in names:
             raise ValueError(f"unknown config key {key!r}; {type(target).__name__} fields are "
                              f"{sorted(names)}")
-        tp = _hints(type(target))[leaf]
+        tp = typing.get_type_hints(type(target))[leaf]
         if dataclasses.is_dataclass(tp):
             raise ValueError(f"{key!r} is a section; override its fields ({key}.FIELD=VALUE)")
         value = parse_value(tp, raw, key) if isinstance(raw, str) else _check(tp, raw, key)
@@ -343,16 +325,42 @@ def _split(item: str) -> tuple[str, str]:
     return key.strip(), value
 
 
+#: Training configs shipped with the package (``piip train cls fashion_mnist_piip_tsb``).
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def list_configs() -> list[str]:
+    """Names of the training configs shipped with piip."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """``path`` itself when it exists, else the shipped config of that name."""
+    candidate = Path(path)
+    if candidate.exists():
+        return candidate
+    shipped = CONFIG_DIR / f"{candidate.name.removesuffix('.json')}.json"
+    if candidate.parent == Path(".") and shipped.exists():
+        return shipped
+    raise FileNotFoundError(f"config {str(path)!r} is neither a file nor a shipped config "
+                            f"(shipped: {', '.join(list_configs())})")
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a JSON or YAML config file (``None``: defaults) and apply CLI overrides."""
+    """Read a JSON or YAML config file, or a shipped config by name (``None``: defaults), and apply
+    command-line style overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
-        if str(path).endswith((".yaml", ".yml")):
+        path = resolve_config_path(path)
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
             import yaml
 
             data = yaml.safe_load(text) or {}
         else:
-            data = json.loads(text)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} is not valid JSON: {err}") from None
     cfg = TrainConfig.from_dict(data)
     return apply_overrides(cfg, overrides or [])

@@ -33,7 +33,7 @@ from .checkpoint import (atomic_torch_save, latest_checkpoint, load_training_che
 from .config import ModelConfig, TrainConfig
 from .optim import build_optimizer, build_scheduler
 
-__all__ = ["train", "build_model", "ResumableDistributedSampler", "ClassificationTask", "TASKS"]
+__all__ = ["train", "build_model", "build_model_config", "ResumableDistributedSampler", "ClassificationTask", "TASKS"]
 
 
 # -- data order --------------------------------------------------------------------------------
@@ -56,11 +56,10 @@ class ResumableDistributedSampler(DistributedSampler):
 
 
 # -- model ---------------------------------------------------------------------------------------
-def build_model(mcfg: ModelConfig, task: str = "cls", num_classes: int | None = None) -> nn.Module:
-    """A :class:`~piip.models.piip.PIIP` from a :class:`ModelConfig` (registered name or explicit
-    ``piip`` dict), with per-branch drop path and optional weights."""
+def build_model_config(mcfg: ModelConfig, task: str = "cls", num_classes: int | None = None):
+    """The :class:`~piip.models.config.PIIPConfig` a :class:`ModelConfig` describes (registered
+    name or explicit ``piip`` dict, with the overrides and per-branch drop path applied)."""
     from ..models.config import PIIPConfig
-    from ..models.piip import PIIP
     from ..models.registry import get_config
 
     if mcfg.piip is not None:
@@ -96,8 +95,15 @@ def build_model(mcfg: ModelConfig, task: str = "cls", num_classes: int | None = 
     if mcfg.interaction_drop_path is not None:
         changes["interaction"] = dataclasses.replace(config.interaction,
                                                      drop_path_rate=float(mcfg.interaction_drop_path))
-    config = dataclasses.replace(config, **changes)
-    model = PIIP(config)
+    return dataclasses.replace(config, **changes)
+
+
+def build_model(mcfg: ModelConfig, task: str = "cls", num_classes: int | None = None) -> nn.Module:
+    """A :class:`~piip.models.piip.PIIP` from a :class:`ModelConfig`, with its weights (timm
+    branch weights, local ``branch_weights`` files, or a whole piip ``checkpoint``)."""
+    from ..models.piip import PIIP
+
+    model = PIIP(build_model_config(mcfg, task, num_classes))
     if mcfg.pretrained or mcfg.branch_weights:
         from ..weights.pretrained import load_branch_weights
 
@@ -122,11 +128,14 @@ class ClassificationTask:
         self.num_classes = None
 
     def build_datasets(self, cfg: TrainConfig) -> tuple[Dataset, Dataset | None]:
-        from ..data import build_dataset  # the data pipeline module
+        from ..data import build_dataset
 
-        train = build_dataset(cfg.data, "train")
+        data = cfg.data
+        if data.image_size is None:  # the model's input size (its finest branch's resolution)
+            data = dataclasses.replace(data, image_size=build_model_config(cfg.model, "cls").input_size)
+        train = build_dataset(data, "train")
         try:
-            val = build_dataset(cfg.data, "val")
+            val = build_dataset(data, "val")
         except (ValueError, FileNotFoundError, KeyError):
             val = None
         return train, val
@@ -160,27 +169,11 @@ class ClassificationTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device,
                  amp_dtype: torch.dtype | None) -> dict[str, float]:
-        try:
-            from ..tasks.classification import evaluate
-        except ImportError:
-            evaluate = None
-        if evaluate is not None:
-            m = evaluate(model, loader, self.num_classes, device, amp_dtype)
-            return {"top1": float(m.top1), "top5": float(m.top5), "loss": float(m.loss),
-                    "num_samples": int(m.num_samples)}
-        was_training = model.training
-        model.eval()
-        correct = total = 0
-        loss_sum = 0.0
-        for images, targets in loader:
-            images, targets = images.to(device), targets.to(device)
-            with _autocast(device, amp_dtype):
-                logits = model(images).float()
-            loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-            correct += (logits.argmax(-1) == targets).sum().item()
-            total += targets.numel()
-        model.train(was_training)
-        return {"top1": 100.0 * correct / max(1, total), "loss": loss_sum / max(1, total), "num_samples": total}
+        from ..tasks.classification import evaluate
+
+        m = evaluate(model, loader, self.num_classes, device, amp_dtype)
+        return {"top1": float(m.top1), "top5": float(m.top5), "loss": float(m.loss),
+                "num_samples": int(m.num_samples)}
 
 
 #: task name -> task class (detection and segmentation register theirs here)
@@ -251,7 +244,9 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
         task: a task object (default: ``TASKS[cfg.task](cfg)``).
 
     Summary keys: ``step`` (optimiser steps done), ``epoch``, ``step_losses`` ({step: mean loss over
-    ranks} of the steps run by this call), ``eval`` (last evaluation), ``best``, ``halted``,
+    ranks} of the steps run by this call), ``eval`` (last evaluation), ``best``, ``train_time_s``
+    (seconds spent in optimiser steps, data loading included, evaluation and checkpoint writes
+    excluded; summed over resumes), ``images_seen``, ``halted``,
     ``out_dir``, ``checkpoint`` (last written), ``model_path`` (final safetensors export).
     """
     info = D.init_distributed(cfg.run.device)
@@ -310,7 +305,7 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
 
         ema = ModelEmaV3(model, decay=cfg.run.ema_decay)
 
-    epoch, micro_done, step, best = 0, 0, 0, None
+    epoch, micro_done, step, best, train_time = 0, 0, 0, None, 0.0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -322,6 +317,7 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
             raise ValueError(f"checkpoint was written by {state['world_size']} processes; resume with the "
                              f"same world size (got {world}) for an exact continuation")
         epoch, micro_done, step, best = state["epoch"], state["micro_in_epoch"], state["step"], state.get("best")
+        train_time = state.get("train_time_s", 0.0)
         set_rng_state(state["rng"][rank])
     else:
         _seed_all(cfg.run.seed + rank)
@@ -374,6 +370,7 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None, "rng": rngs,
                 "epoch": epoch, "micro_in_epoch": micro_done, "step": step, "best": best,
+                "train_time_s": train_time,
                 "world_size": world, "config": cfg.to_dict(),
             }
             if kind == "best":
@@ -399,6 +396,7 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
             loader_gen.manual_seed(cfg.run.seed * 100_003 + epoch)
             batches = iter(loader)
             while micro_done + o.accum_steps <= micro_per_epoch:
+                step_start = time.perf_counter()
                 losses = []
                 for a in range(o.accum_steps):
                     batch = next(batches)
@@ -421,6 +419,7 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
                 step += 1
                 if ema is not None:
                     ema.update(model, step=step)
+                train_time += time.perf_counter() - step_start
                 loss_value = float(D.all_reduce_mean(torch.stack(losses).mean().double().cpu()))
                 step_losses[step] = loss_value
                 if not math.isfinite(loss_value):
@@ -446,7 +445,7 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
             if val_dataset is not None and (due or epoch == o.epochs):
                 last_eval = _evaluate(task, model, ema, val_dataset, micro, device, amp_dtype, cfg) if main else None
                 last_eval = D.broadcast_object(last_eval)
-                log({"kind": "eval", "step": step, "epoch": epoch, **last_eval})
+                log({"kind": "eval", "step": step, "epoch": epoch, "train_time_s": train_time, **last_eval})
                 score = last_eval.get(getattr(task, "metric", "top1"))
                 is_best = score is not None and (best is None or score > best)
                 if is_best:
@@ -473,6 +472,7 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
                 save_checkpoint(ema.module, out_dir / "model_ema.safetensors")
     D.barrier()
     summary = {"step": step, "epoch": epoch, "step_losses": step_losses, "eval": last_eval, "best": best,
+               "train_time_s": train_time, "images_seen": step * o.batch_size,
                "halted": halted, "out_dir": str(out_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
                "model_path": model_path, "world_size": world}
     if main:
