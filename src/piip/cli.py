@@ -144,7 +144,11 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(out_dir=args.out, measure_latency=not args.no_latency, console=console)
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.append(f"data.root={args.data}")
+    run_demo(args.out, epochs=args.epochs, pretrain_branches=args.pretrain_branches, overrides=overrides,
+             finetune_epochs=args.finetune_epochs, fresh=args.fresh, console=console)
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -220,9 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("demo", help="params/MACs/latency of PIIP vs baselines and the MACs plot")
-    p.add_argument("--out", default="outputs/demo", help="folder for the plot and the JSON summary")
-    p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
+    p = sub.add_parser("demo", help="train PIIP and a ViT baseline on Fashion-MNIST: accuracy vs MACs")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides for every run")
+    p.add_argument("--out", default="outputs/demo", help="folder for the runs, the results and the plot")
+    p.add_argument("--epochs", type=int, default=1,
+                   help="training epochs of every run (default 1; `piip train cls fashion_mnist` trains 5)")
+    p.add_argument("--data", help="folder of the Fashion-MNIST IDX files (default: the Debian package's)")
+    p.add_argument("--pretrain-branches", action="store_true",
+                   help="also train ViT-S/T and fine-tune PIIP from the three saved ViTs (branch_weights)")
+    p.add_argument("--finetune-epochs", type=int, help="epochs of the fine-tuning run (default: --epochs)")
+    p.add_argument("--fresh", action="store_true", help="retrain runs that already finished in --out")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (classification: top-1/top-5/per-class)")
@@ -246,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train (torchrun --nproc_per_node=N -m piip train ... for DDP)")
     p.add_argument("task", choices=("cls",))
-    p.add_argument("config", help="a JSON or YAML TrainConfig file (see configs/)")
+    p.add_argument("config", help="a JSON or YAML TrainConfig file, or a shipped config by name "
+                                  "(fashion_mnist, fashion_mnist_vit_b)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. optim.lr=1e-4 run.amp=bf16")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from the run's latest checkpoint (or from the given checkpoint file)")

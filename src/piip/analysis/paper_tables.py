@@ -1,4 +1,5 @@
-"""Published figures of the paper, as data (used by the demo plot and the paper-number tests).
+"""Published figures of the paper, as data (used by the paper-number tests and
+benchmarks/plot_resolution_sweeps.py).
 
 GMACs are the paper's "#FLOPs" column (the paper counts multiply-accumulates, reference §4).
 """
