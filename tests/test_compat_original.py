@@ -30,7 +30,7 @@ from piip.compat.original import CheckpointError, build, convert_checkpoint, con
 from piip.layers.heads import upsample_sum
 from piip.weights import load_checkpoint, save_checkpoint
 
-from conftest import FIXTURES
+from conftest import FIXTURES, needs_fmnist
 
 NAMES = sorted(p.stem for p in FIXTURES.glob("*.json"))
 TOL = 1e-4
@@ -445,6 +445,34 @@ def test_wrong_variant_names_the_first_mismatching_key_and_both_shapes():
     cls = get_fixture("cls3_deit")
     with pytest.raises(CheckpointError, match="different variant|missing|unexpected"):
         convert_state_dict(cls.state_dict, build(fx.kwargs, "det"))
+
+
+@needs_fmnist
+def test_a_converted_classification_checkpoint_evaluates_through_piip_eval(tmp_path, capsys):
+    """The authors' classification layout -> `piip convert` -> `piip eval cls` on real Fashion-MNIST
+    images (the fixture's head has 10 classes): the same numbers as the library's evaluate()."""
+    from torch.utils.data import DataLoader
+
+    from piip.cli import main
+    from piip.data import DataConfig, build_dataset
+    from piip.tasks import evaluate
+
+    fx = get_fixture("cls3_deit")
+    ckpt, _ = _wrap(fx, "classification")
+    torch.save(ckpt, tmp_path / "theirs.pth")
+    (tmp_path / "kwargs.json").write_text(json.dumps(fx.kwargs))
+    ours = tmp_path / "ours.safetensors"
+    assert main(["convert", str(tmp_path / "theirs.pth"), "--config", str(tmp_path / "kwargs.json"),
+                 "-o", str(ours), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "cls", "--checkpoint", str(ours), "--data", "fashion_mnist", "--limit", "32",
+                 "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    model = load_checkpoint(ours)
+    data = build_dataset(DataConfig(image_size=model.config.input_size, limit=32), "val")
+    metrics = evaluate(model, DataLoader(data, batch_size=16), 10)
+    assert record["num_samples"] == 32 and record["top1"] == pytest.approx(metrics.top1)
+    assert record["loss"] == pytest.approx(metrics.loss, rel=1e-4)
 
 
 def test_unmapped_and_missing_keys_are_listed():
