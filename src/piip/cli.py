@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (torchrun --nproc_per_node=N -m piip train ... for DDP)")
     p.add_argument("task", choices=("cls",))
     p.add_argument("config", help="a JSON or YAML TrainConfig file, or a shipped config by name "
-                                  "(fashion_mnist, fashion_mnist_vit_b)")
+                                  "(e.g. fashion_mnist)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. optim.lr=1e-4 run.amp=bf16")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from the run's latest checkpoint (or from the given checkpoint file)")

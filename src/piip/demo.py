@@ -22,8 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .analysis import complexity
-from .engine import TrainConfig, load_config, train
-from .models.registry import get_config
+from .engine import TrainConfig, build_model_config, load_config, train
 
 __all__ = ["DemoResult", "demo_runs", "run_demo", "plot_accuracy_vs_macs"]
 
@@ -119,13 +118,13 @@ def run_demo(out_dir: str | Path = "outputs/demo", *, epochs: int = DEMO_EPOCHS,
         cfg = _config(run, out, [f"optim.epochs={epochs}", *(overrides or [])])
         same, summary = (False, None) if fresh else _previous(cfg)
         if summary is None:
-            epochs = cfg.optim.epochs
-            console.rule(f"[bold]{run.label}[/]: {run.model}, {epochs} epoch{'s' if epochs != 1 else ''}")
+            n = cfg.optim.epochs
+            console.rule(f"[bold]{run.label}[/]: {run.model}, {n} epoch{'s' if n != 1 else ''}")
             # an interrupted run of the same config continues; anything else starts afresh
             summary = train(cfg, resume="auto" if same else None)
         else:
             console.print(f"{run.label}: reusing the finished run in {cfg.run.out_dir}")
-        config = get_config(run.model, task="cls")
+        config = build_model_config(cfg.model, "cls")  # as trained, overrides included
         counts = complexity(config, "actual")
         seconds = summary["train_time_s"]
         results.append(DemoResult(

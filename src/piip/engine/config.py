@@ -17,7 +17,7 @@ Example (JSON)::
 ``model.piip`` may hold a whole :class:`~piip.models.config.PIIPConfig` dict (``PIIPConfig.to_dict()``
 layout: explicit branch widths, depths, resolutions, interaction groups) instead of a registered
 ``model.name``. The configs shipped in ``piip/configs/`` are loaded by name
-(``load_config("fashion_mnist_piip_tsb")``).
+(``load_config("fashion_mnist")``).
 """
 from __future__ import annotations
 
@@ -325,7 +325,7 @@ def _split(item: str) -> tuple[str, str]:
     return key.strip(), value
 
 
-#: Training configs shipped with the package (``piip train cls fashion_mnist_piip_tsb``).
+#: Training configs shipped with the package (``piip train cls fashion_mnist``).
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 

@@ -26,13 +26,12 @@ _PATCH = 4
 _NATIVE = 28
 
 
-def tiny_branch(size: str, resolution: int = _NATIVE, interactions: int = 0,
-                drop_path_rate: float = 0.0) -> BranchConfig:
+def tiny_branch(size: str, resolution: int = _NATIVE, interactions: int = 0) -> BranchConfig:
     """A T/S/B tiny ViT branch at ``resolution`` with ``interactions`` even block groups."""
     dim, heads = TINY_BRANCHES[size]
     return BranchConfig(
         embed_dim=dim, depth=_DEPTH, num_heads=heads, resolution=resolution, patch_size=_PATCH,
-        pretrain_img_size=_NATIVE, pretrain_patch_size=_PATCH, drop_path_rate=drop_path_rate,
+        pretrain_img_size=_NATIVE, pretrain_patch_size=_PATCH,
         init_values=None,  # no layer scale: DeiT v1 style, and ~15% faster training at this size
         interaction_indexes=even_interaction_indexes(_DEPTH, interactions) if interactions else ())
 
