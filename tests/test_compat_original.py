@@ -29,6 +29,7 @@ from piip.compat import original
 from piip.compat.original import CheckpointError, build, convert_checkpoint, convert_state_dict
 from piip.layers.heads import upsample_sum
 from piip.weights import load_checkpoint, save_checkpoint
+from piip.weights.io import OpaqueObject, read_torch_file
 
 from conftest import FIXTURES, needs_fmnist
 
@@ -395,10 +396,10 @@ def test_restricted_unpickler_keeps_foreign_objects_inert(tmp_path):
     ckpt, _ = _wrap(fx, "mmdet")
     torch.save(ckpt, tmp_path / "c.pth")
     _Recorder.called = False
-    obj = original._torch_load(str(tmp_path / "c.pth"))
+    obj = read_torch_file(str(tmp_path / "c.pth"))
     assert not _Recorder.called
-    assert isinstance(obj["meta"]["payload"], original.OpaqueObject)
-    assert isinstance(obj["meta"]["cfg_obj"], original.OpaqueObject)
+    assert isinstance(obj["meta"]["payload"], OpaqueObject)
+    assert isinstance(obj["meta"]["cfg_obj"], OpaqueObject)
     assert obj["meta"]["CLASSES"] == ("person", "car")
 
 

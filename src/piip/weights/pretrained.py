@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .io import read_torch_file, unwrap_state_dict
+
 __all__ = [
     "BranchLoadReport",
     "BranchWeightsError",
@@ -161,38 +163,10 @@ class LoadReport:
 
 # -- reading files -------------------------------------------------------------------------------
 
-_CONTAINERS = ("state_dict", "model", "module", "model_state", "model_state_dict")
-
-
 def _unwrap(obj: Any) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Tensors of a checkpoint, unwrapping ``model``/``state_dict``/``module`` containers."""
-    notes = []
-    while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        for key in _CONTAINERS:
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                notes.append(f"unwrapped the '{key}' container")
-                break
-        else:
-            break
-    if not isinstance(obj, Mapping):
-        raise BranchWeightsError(f"expected a state dict, got {type(obj).__name__}")
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise BranchWeightsError(
-            f"no tensors found (top-level keys: {sorted(map(str, obj))[:12]}); expected a state dict, "
-            f"possibly inside one of the containers {list(_CONTAINERS)}")
-    return tensors, notes
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError and friends
-        raise BranchWeightsError(
-            f"torch.load(weights_only=True) refused {str(path)!r}: {e}\nThe file holds Python objects "
-            "besides tensors (e.g. training args). Allow the harmless ones with "
-            "torch.serialization.add_safe_globals([...]) or re-save just the state dict.") from e
+    """Tensors of a checkpoint (containers unwrapped) and a note per container."""
+    tensors, meta = unwrap_state_dict(obj)
+    return tensors, [f"unwrapped the '{key}' container" for key in meta["containers"]]
 
 
 def _read_any(path: Path) -> dict[str, torch.Tensor]:
@@ -209,7 +183,7 @@ def _read_any(path: Path) -> dict[str, torch.Tensor]:
         for shard in shards:
             out.update(_unwrap(_read_any(path.parent / shard))[0])
         return out
-    return _torch_load(path)
+    return read_torch_file(path)
 
 
 def _npz_to_state_dict(path: Path) -> dict[str, torch.Tensor]:

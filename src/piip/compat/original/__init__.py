@@ -1,0 +1,48 @@
+"""Compatibility with the authors' code (OpenGVLab/PIIP): their configs, their state dicts, their files.
+
+Three layers, each usable alone:
+
+* **configs** — :func:`to_piip_config` / :func:`build` translate the keyword dictionary of one of
+  their backbone classes (``PIIPTwoBranch`` / ``PIIPThreeBranch`` / ``PIIPFourBranch`` of the
+  MMDetection copy for ``task="det"``, the classification ``PIIPThreeBranch`` & co. for
+  ``task="cls"``) into a :class:`~piip.models.config.PIIPConfig` whose network computes what
+  theirs computes. Everything is derived from the kwargs: widths, depths, heads, block groups,
+  per-layer windows, norms, qk-norm, MLP activation, layer scale, position-embedding grids, and the
+  branch class their code would pick (``'deit'`` in the ``pretrained`` path -> ``vit_models``,
+  anything else -> ``InternViT6B``; ``model_type`` in the classification code).
+* **state dicts** — :func:`convert_state_dict` renames their keys to ours (``gamma_1`` ->
+  ``ls1.gamma``, ``interaction_units_23`` -> ``units.1``, ``branch2to1_injector`` ->
+  ``inject_b_to_a``, ``ffn.dwconv.dwconv`` -> ``ffn.dwconv``, ``merge_branch{i}`` ->
+  ``merge.projections.{i-1}``, the scalars ``w1..wn`` -> one ``merge.weights`` vector, ``fpn1/2``
+  -> ``fpn.fpn1/2``, ...). The result loads with ``strict=True`` or the error says why (first key
+  whose shape differs with both shapes; missing keys; keys it could not map — never dropped).
+* **files** — :func:`load_original_checkpoint` reads the layouts their training wrote: MMDetection
+  (``state_dict`` with ``backbone.`` next to ``neck.``/``rpn_head.``/``roi_head.``/``bbox_head.``),
+  DeepSpeed (``module``), classification (``model`` plus the EMA copy ``model_ema``), plain state
+  dicts and the golden-fixture safetensors files. Pickles are read with ``weights_only=True`` and,
+  when they hold other objects (configs, ``argparse.Namespace``, numpy values), with a restricted
+  unpickler that replaces every non-tensor class by an inert placeholder: no code from the file runs.
+  :func:`convert_checkpoint` does the whole trip to piip's own safetensors format.
+
+Quirks reproduced (reference §9): the 4-branch *detection* class builds branch 4 with branch 3's
+kwargs (``vit_models(**branch3)``), so its released checkpoints hold a ViT-S-wide branch 4; the
+classification heads read the first *patch* token; class tokens get no position embedding;
+``vit_models`` windows pad the tokens before ``qkv`` on the flash path and the ``qkv`` output on the
+non-flash path.
+"""
+from ...weights.checkpoint import CheckpointError
+from .configs import branch_kwargs, build, original_class_name, to_piip_config
+from .files import convert_checkpoint, load_original_checkpoint
+from .state_dict import convert_state_dict, map_key
+
+__all__ = [
+    "build",
+    "to_piip_config",
+    "branch_kwargs",
+    "original_class_name",
+    "convert_state_dict",
+    "map_key",
+    "load_original_checkpoint",
+    "convert_checkpoint",
+    "CheckpointError",
+]
