@@ -144,6 +144,76 @@ def test_window_attention_pads_before_qkv(hw, window):
     torch.testing.assert_close(window_attention(attn, x, hw, window), _reference_window_attention(attn, x, hw, window))
 
 
+def _reference_block_attention(attn, x, hw, window, padding):
+    """Float64 reference of one attention call: global when ``window`` is None, else windowed with
+    zero padding of the tokens (``before_qkv``: padded q/k/v = qkv bias) or of the qkv output
+    (``after_qkv``: padded q/k/v = 0); no mask either way."""
+    B, N, C = x.shape
+    H, W = hw
+    heads, d = attn.num_heads, C // attn.num_heads
+    ws_h, ws_w = (H, W) if window is None else (window, window)
+    Hp, Wp = math.ceil(H / ws_h) * ws_h, math.ceil(W / ws_w) * ws_w
+    qkv_grid = torch.zeros(B, Hp, Wp, 3 * C, dtype=x.dtype)
+    if padding == "before_qkv":
+        qkv_grid[:] = attn.qkv.bias
+    qkv_grid[:, :H, :W] = (x @ attn.qkv.weight.T + attn.qkv.bias).view(B, H, W, 3 * C)
+    out = torch.zeros(B, Hp, Wp, C, dtype=x.dtype)
+    for b in range(B):
+        for wy in range(0, Hp, ws_h):
+            for wx in range(0, Wp, ws_w):
+                q, k, v = qkv_grid[b, wy:wy + ws_h, wx:wx + ws_w].reshape(-1, 3 * C).split(C, dim=-1)
+                res = [torch.softmax(q[:, h * d:(h + 1) * d] @ k[:, h * d:(h + 1) * d].T / math.sqrt(d), -1)
+                       @ v[:, h * d:(h + 1) * d] for h in range(heads)]
+                y = torch.cat(res, -1) @ attn.proj.weight.T + attn.proj.bias
+                out[b, wy:wy + ws_h, wx:wx + ws_w] = y.view(ws_h, ws_w, C)
+    return out[:, :H, :W].reshape(B, H * W, C)
+
+
+@pytest.mark.parametrize("padding", ["before_qkv", "after_qkv"])
+def test_per_block_window_sizes_match_a_float64_reference(padding):
+    from piip.layers.branch import ViTBranch
+
+    windows = (2, 2, None, 4, 4, None)
+    config = piip.BranchConfig(embed_dim=16, depth=6, num_heads=2, resolution=112, pretrain_img_size=112,
+                               window_size=windows, window_padding=padding)
+    assert config.window_sizes == windows and config.window_block_indexes == (0, 1, 3, 4)
+    branch = ViTBranch(config).double().eval()
+    for name, p in branch.named_parameters():
+        if name.endswith("qkv.bias"):
+            torch.nn.init.normal_(p, std=1.0)  # padded keys/values show up only through the bias
+    hw = (7, 5)  # 7x5 tokens: windows 2 and 4 both need padding
+    x = torch.randn(2, 35, 16, dtype=torch.float64)
+    expected = x
+    for block, window in zip(branch.blocks, windows):
+        y = _reference_block_attention(block.attn, block.norm1(expected), hw, window, padding)
+        expected = expected + block.ls1(y)
+        expected = expected + block.ls2(block.mlp(block.norm2(expected)))
+    with torch.no_grad():
+        torch.testing.assert_close(branch.forward_blocks(x, hw, 0, 5), expected, rtol=1e-10, atol=1e-10)
+        # the same weights with one window size everywhere compute something else
+        other = ViTBranch(dataclasses.replace(config, window_size=2)).double().eval()
+        other.load_state_dict(branch.state_dict())
+        assert (other.forward_blocks(x, hw, 0, 5) - expected).abs().max() > 1e-3
+
+
+def test_window_size_forms_and_errors():
+    make = partial(piip.BranchConfig, embed_dim=32, depth=3, num_heads=2, resolution=64)
+    # a per-block tuple with one size is stored in the int form: one network, one config
+    assert make(window_size=(3, None, 3)) == make(window_size=3, window_block_indexes=(0, 2))
+    assert make(window_size=[None, None, None]) == make()
+    assert make(window_size=5, window_block_indexes=(1,)).window_sizes == (None, 5, None)
+    roundtrip = PIIPConfig(branches=(make(window_size=(2, None, 4)),))
+    assert PIIPConfig.from_dict(roundtrip.to_dict()) == roundtrip
+    with pytest.raises(ValueError, match="2 entries for 3 blocks"):
+        make(window_size=(2, 2))
+    with pytest.raises(ValueError, match="positive ints or None"):
+        make(window_size=(2, 0, None))
+    with pytest.raises(ValueError, match="disagree"):
+        make(window_size=(2, None, 4), window_block_indexes=(0,))
+    with pytest.raises(ValueError, match="positive int"):
+        make(window_size=0, window_block_indexes=(0,))
+
+
 def test_windowed_branch_runs_and_differs_from_global():
     config = tiny_config(b3={"window_block_indexes": (0, 1), "window_size": 3})
     model = piip.PIIP(config).eval()

@@ -15,6 +15,7 @@ import pytest
 
 from piip.analysis.paper_flops import paper_complexity
 from piip.analysis.paper_tables import APPENDIX_B_SWEEPS
+from piip.models.config import BranchConfig, PIIPConfig
 from piip.models.registry import get_config
 
 REL_TOL = 0.005
@@ -224,6 +225,31 @@ def test_reference_analytic_figures() -> None:
         r = paper_complexity(get_config(name, resolutions=res))
         assert r.params / 1e6 == pytest.approx(p, abs=0.1), name
         assert r.macs / 1e9 == pytest.approx(f, abs=0.1), name
+
+
+def test_per_block_windows_are_counted_block_by_block() -> None:
+    """A branch with windows [2, 2, global, 4, 4, global] on a 20x20 grid (320 px at patch 16),
+    counted by hand with the authors' formulas: Linear MACs on the real tokens (the InternViT
+    class on the padded grid for its windowed qkv), 2*N*ws^2*D attention per windowed block,
+    2*N^2*D per global block."""
+    D, N, side = 64, 400, 20
+    windows = (2, 2, None, 4, 4, None)
+    attention = sum(2 * N * (w * w if w else N) * D for w in windows)
+    linear = 6 * (3 * N * D * D + N * D * D + 2 * N * D * 4 * D)
+    norms = 6 * 2 * 2 * N * D
+    patch = N * (3 * 16 * 16 * D + D)
+    branch = BranchConfig(embed_dim=D, depth=6, num_heads=2, resolution=320, window_size=windows)
+    got = paper_complexity(PIIPConfig(branches=(branch,))).part("branch1")
+    assert got.macs == attention + linear + norms + patch
+    # InternViT-class branches pad the grid before qkv: a 21x21 grid pads to 22x22 (window 2) and
+    # 24x24 (window 4); only the qkv Linear of the windowed blocks grows
+    odd = dataclasses.replace(branch, resolution=336, family="internvit")   # 21x21 grid
+    n = 21 * 21
+    pads = {2: 22 * 22, 4: 24 * 24}
+    qkv_extra = sum(3 * (pads[w] - n) * D * D for w in windows if w)
+    plain = paper_complexity(PIIPConfig(branches=(dataclasses.replace(odd, family="deit"),))).part("branch1")
+    padded = paper_complexity(PIIPConfig(branches=(odd,))).part("branch1")
+    assert padded.macs - plain.macs == qkv_extra
 
 
 def test_windows_larger_than_grid_count_as_global() -> None:

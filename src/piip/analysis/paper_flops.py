@@ -179,12 +179,11 @@ def _branch(b: BranchConfig, index: int, window_padding: bool) -> PartComplexity
     if b.class_token:
         acc.add("cls_token", D, 0)
 
-    windowed = b.windowed
-    for i in range(b.depth):
+    for i, window in enumerate(b.window_sizes):
         qkv_tokens = t
-        if i in windowed and b.family == "internvit" and window_padding:
+        if window is not None and b.family == "internvit" and window_padding:
             # InternViT-class windowed attention pads the token grid before the qkv Linear
-            pad = math.ceil(side / b.window_size) * b.window_size
+            pad = math.ceil(side / window) * window
             qkv_tokens = pad * pad
         lin_params = (3 * D * D + (3 * D if b.qkv_bias else 0) + D * D + D
                       + D * hidden + hidden + hidden * D + D)
@@ -198,8 +197,8 @@ def _branch(b: BranchConfig, index: int, window_padding: bool) -> PartComplexity
         acc.add("norm", norm_params, norm_macs)
         if b.init_values is not None:
             acc.add("layer_scale", 2 * D, 0)
-        if i in windowed:
-            acc.add("attention", 0, 2 * f_n * _window_area(b.window_size, f_side) * D)
+        if window is not None:
+            acc.add("attention", 0, 2 * f_n * _window_area(window, f_side) * D)
         else:
             acc.add("attention", 0, 2 * f_n * f_n * D)
     return acc.part(f"branch{index}")

@@ -7,9 +7,10 @@ PIIP adds around them:
 * the absolute position embedding stays at its pretraining grid and is resized bicubically
   (``align_corners=False``, float32, no antialias) to the actual token grid at every forward, as
   the authors' detection code does;
-* per-block attention choice: global (PyTorch SDPA through timm's ``Attention``) or windowed. A
-  windowed block zero-pads the *normalised tokens* at the bottom/right to a multiple of the window,
-  *before* the qkv projection, so padded keys/values equal the qkv bias; windows are anchored
+* per-block attention choice: global (PyTorch SDPA through timm's ``Attention``) or windowed, with
+  a window size per block (``BranchConfig.window_sizes``). A windowed block zero-pads the
+  *normalised tokens* at the bottom/right to a multiple of its window, *before* the qkv
+  projection, so padded keys/values equal the qkv bias; windows are anchored
   top-left, nothing is masked and the padding is cropped afterwards. This is what the released
   checkpoints were trained with (the authors' flash-attention path); ``window_padding="after_qkv"``
   pads the qkv output instead (padded keys/values 0), as their non-flash ``vit_models`` does;
@@ -120,8 +121,7 @@ class ViTBranch(nn.Module):
         super().__init__()
         self.config = config
         self.patch_size = config.patch_size
-        self.window_size = config.window_size
-        self.windowed = config.windowed
+        self.window_sizes = config.window_sizes
         self._window_attention = (window_attention_after_qkv if config.window_padding == "after_qkv"
                                   else window_attention)
         self.grad_checkpointing = False
@@ -210,8 +210,9 @@ class ViTBranch(nn.Module):
     def _block(self, index: int, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         block = self.blocks[index]
         y = block.norm1(x)
-        if index in self.windowed:
-            y = self._window_attention(block.attn, y, hw, self.window_size)
+        window = self.window_sizes[index]
+        if window is not None:
+            y = self._window_attention(block.attn, y, hw, window)
         else:
             y = block.attn(y)
         x = x + block.drop_path1(block.ls1(y))
@@ -241,7 +242,11 @@ class ViTBranch(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        windows = f"window {c.window_size} on {len(c.window_block_indexes)}/{c.depth} blocks" \
-            if c.window_block_indexes else "global attention"
+        if not c.window_block_indexes:
+            windows = "global attention"
+        elif isinstance(c.window_size, int):
+            windows = f"window {c.window_size} on {len(c.window_block_indexes)}/{c.depth} blocks"
+        else:
+            windows = "windows " + ",".join("-" if w is None else str(w) for w in c.window_sizes)
         return f"dim={c.embed_dim}, depth={c.depth}, heads={c.num_heads}, res={c.resolution}, {windows}"
 

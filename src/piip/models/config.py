@@ -70,8 +70,15 @@ class BranchConfig:
             cross-branch interactions.
         pos_embed_class_row: the position-embedding parameter carries a leading class row (timm
             ``no_embed_class=False``, InternViT-style checkpoints).
-        window_size, window_block_indexes: blocks listed use non-overlapping ``window_size``
-            windows anchored top-left, tokens zero-padded before the qkv projection, no mask.
+        window_size, window_block_indexes: window attention, ViTDet's explicit knobs. With an int
+            ``window_size``, the blocks listed in ``window_block_indexes`` attend inside
+            non-overlapping ``window_size x window_size`` windows anchored top-left (no mask) and
+            the others attend globally. ``window_size`` may instead give one entry per block
+            (``None`` = global), e.g. ``(2, 2, None, 4, 4, None)``, as the authors' classes accept
+            per-block ``window_attn``/``window_size`` lists; ``window_block_indexes`` is then
+            derived from it. A per-block tuple whose windowed blocks share one size is stored in
+            the int form, so one network has one config. :attr:`window_sizes` gives the per-block
+            view either way.
         window_padding: where a windowed block zero-pads a grid that the window does not divide:
             ``"before_qkv"`` (the tokens, so padded keys/values equal the qkv bias: the authors'
             flash-attention path, used by every released checkpoint) or ``"after_qkv"`` (the qkv
@@ -99,7 +106,7 @@ class BranchConfig:
     init_values: float | None = 1.0
     class_token: bool = False
     pos_embed_class_row: bool = False
-    window_size: int = 14
+    window_size: int | tuple[int | None, ...] = 14
     window_block_indexes: tuple[int, ...] = ()
     window_padding: Literal["before_qkv", "after_qkv"] = "before_qkv"
     drop_path_rate: float = 0.0
@@ -117,8 +124,7 @@ class BranchConfig:
             raise ValueError(
                 f"BranchConfig.embed_dim={self.embed_dim} is not divisible by "
                 f"num_heads={self.num_heads}")
-        if self.window_block_indexes and self.window_size < 1:
-            raise ValueError(f"BranchConfig.window_size must be >= 1, got {self.window_size}")
+        self._normalise_windows()
         bad = [i for i in self.window_block_indexes if not 0 <= i < self.depth]
         if bad:
             raise ValueError(
@@ -152,6 +158,42 @@ class BranchConfig:
             raise ValueError(
                 f"BranchConfig.interaction_indexes cover blocks 0..{expected - 1} but the branch "
                 f"has {self.depth} blocks")
+
+    def _normalise_windows(self) -> None:
+        """Validate the window knobs and bring a per-block ``window_size`` to its canonical form."""
+        def set_(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        set_("window_block_indexes", tuple(self.window_block_indexes))
+        if not isinstance(self.window_size, (list, tuple)):
+            if isinstance(self.window_size, bool) or not isinstance(self.window_size, int) \
+                    or self.window_size < 1:
+                raise ValueError(f"BranchConfig.window_size must be a positive int or one entry per "
+                                 f"block (int or None), got {self.window_size!r}")
+            return
+        sizes = tuple(self.window_size)
+        if len(sizes) != self.depth:
+            raise ValueError(f"BranchConfig.window_size lists {len(sizes)} entries for {self.depth} "
+                             "blocks: give one per block (None = global attention)")
+        bad = [s for s in sizes if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 1)]
+        if bad:
+            raise ValueError(f"BranchConfig.window_size entries must be positive ints or None, got {bad}")
+        windowed = tuple(i for i, s in enumerate(sizes) if s is not None)
+        if self.window_block_indexes and tuple(sorted(self.window_block_indexes)) != windowed:
+            raise ValueError(
+                f"BranchConfig.window_block_indexes {list(self.window_block_indexes)} disagree with the "
+                f"per-block window_size (windowed blocks {list(windowed)}): give only window_size")
+        distinct = {s for s in sizes if s is not None}
+        set_("window_block_indexes", windowed)
+        set_("window_size", distinct.pop() if len(distinct) == 1 else sizes if distinct else 14)
+
+    @property
+    def window_sizes(self) -> tuple[int | None, ...]:
+        """Per-block window size, ``None`` for global attention."""
+        if isinstance(self.window_size, tuple):
+            return self.window_size
+        windowed = set(self.window_block_indexes)
+        return tuple(self.window_size if i in windowed else None for i in range(self.depth))
 
     @property
     def pos_embed_grid(self) -> int:
@@ -335,6 +377,8 @@ class PIIPConfig:
             b = dict(b)
             b["interaction_indexes"] = tuple(tuple(g) for g in b.get("interaction_indexes", ()))
             b["window_block_indexes"] = tuple(b.get("window_block_indexes", ()))
+            if isinstance(b.get("window_size"), list):
+                b["window_size"] = tuple(b["window_size"])
             branches.append(BranchConfig(**b))
         interaction = InteractionConfig(**data.pop("interaction", {}))
         return cls(branches=tuple(branches), interaction=interaction, **data)
