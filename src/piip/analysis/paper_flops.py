@@ -230,9 +230,9 @@ def _injector(acc: _Acc, cfg: PIIPConfig, q: BranchConfig, v: BranchConfig) -> N
         # published config
         acc.add("attn_core", 0, 5 * _formula_tokens(q) * it.num_points * dq)
     else:
-        # plain multi-head cross-attention: wq (Dq->Dq), wk/wv (d_feat->Dq), proj (Dq->Dq)
+        # plain multi-head cross-attention: wq (Dq->Dq), wk/wv (d_feat->Dq) without bias, proj (Dq->Dq)
         acc.add("attn_linear",
-                (dq * dq + dq) + 2 * (d_feat * dq + dq) + (dq * dq + dq),
+                dq * dq + 2 * d_feat * dq + (dq * dq + dq),
                 nq * dq * dq + 2 * nv * d_feat * dq + nq * dq * dq)
         acc.add("attn_core", 0, 2 * _formula_tokens(q) * _formula_tokens(v) * dq)
     acc.add("gamma", dq, 0)

@@ -137,6 +137,7 @@ class ViTBranch(nn.Module):
             mlp_ratio=config.mlp_ratio,
             qkv_bias=config.qkv_bias,
             qk_norm=config.qk_norm,
+            attn_drop_rate=config.attn_drop_rate,
             init_values=config.init_values,
             class_token=config.class_token,
             no_embed_class=True,

@@ -47,24 +47,28 @@ class BranchMerge(nn.Module):
 class SimpleFeaturePyramid(nn.Module):
     """ViTDet-style pyramid from one stride-16 map: strides 4, 8, 16, 32, all ``dim`` channels.
 
-    Returns an ``OrderedDict`` keyed ``"0".."3"`` (finest first), the names torchvision's detection
+    ``levels`` chooses the stages built and returned (``0..3`` = strides 4/8/16/32). Returns an
+    ``OrderedDict`` keyed by level (``"0".."3"``, finest first), the names torchvision's detection
     heads (``MultiScaleRoIAlign``) expect by default.
     """
 
-    strides = (4, 8, 16, 32)
-
-    def __init__(self, dim: int, norm: str = "groupnorm"):
+    def __init__(self, dim: int, norm: str = "groupnorm", levels: tuple[int, ...] = (0, 1, 2, 3)):
         super().__init__()
-        norm_layer = nn.GroupNorm(32, dim) if norm == "groupnorm" else LayerNorm2d(dim, eps=1e-6)
-        self.fpn1 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, stride=2), norm_layer, nn.GELU(),
-                                  nn.ConvTranspose2d(dim, dim, 2, stride=2))
-        self.fpn2 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, stride=2))
-        self.fpn3 = nn.Identity()
-        self.fpn4 = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.levels = tuple(levels)
+        self.strides = tuple(4 * 2 ** level for level in self.levels)
+        if 0 in self.levels:
+            norm_layer = nn.GroupNorm(32, dim) if norm == "groupnorm" else LayerNorm2d(dim, eps=1e-6)
+            self.fpn1 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, stride=2), norm_layer, nn.GELU(),
+                                      nn.ConvTranspose2d(dim, dim, 2, stride=2))
+        if 1 in self.levels:
+            self.fpn2 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, stride=2))
+        if 2 in self.levels:
+            self.fpn3 = nn.Identity()
+        if 3 in self.levels:
+            self.fpn4 = nn.MaxPool2d(kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        stages = (self.fpn1, self.fpn2, self.fpn3, self.fpn4)
-        return OrderedDict((str(i), stage(x)) for i, stage in enumerate(stages))
+        return OrderedDict((str(level), getattr(self, f"fpn{level + 1}")(x)) for level in self.levels)
 
 
 class MergedClassifier(nn.Module):

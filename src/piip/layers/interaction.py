@@ -45,16 +45,19 @@ class ConvFFN(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Plain multi-head cross-attention over every partner token (Table 10's "regular attention")."""
+    """Plain multi-head cross-attention over every partner token (Table 10's "regular attention").
+
+    As the original's: query/key/value projections without bias, output projection with bias.
+    """
 
     def __init__(self, dim: int, feat_dim: int, num_heads: int):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"cross-attention width {dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
-        self.wq = nn.Linear(dim, dim)
-        self.wk = nn.Linear(feat_dim, dim)
-        self.wv = nn.Linear(feat_dim, dim)
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(feat_dim, dim, bias=False)
+        self.wv = nn.Linear(feat_dim, dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, query, query_hw, feat, feat_hw) -> torch.Tensor:

@@ -61,6 +61,9 @@ class BranchConfig:
         patch_size: patch size the branch runs with.
         pretrain_img_size: image size of the pretraining; the absolute position embedding is kept
             at the grid ``pretrain_img_size // patch_size`` and resized to the token grid at forward.
+        pos_embed_at_resolution: store the position embedding at the branch's own nominal grid
+            (``resolution // patch_size``) instead, as the authors' classification classes do
+            (pretrained grids are resized once, when the weights are loaded).
         pretrain_patch_size: patch size of the pretrained weights (kernel resampled when different).
         qk_norm: InternViT-style RMS/LayerNorm of q and k over the full width.
         norm_layer: ``"layernorm"`` or ``"rmsnorm"`` (eps 1e-6 either way).
@@ -85,6 +88,7 @@ class BranchConfig:
             output, so padded keys/values are 0: their non-flash ``vit_models`` path).
         drop_path_rate, drop_path_schedule: stochastic depth, ``"constant"`` (DeiT-style branches of
             the original) or ``"linear"`` (InternViT-style).
+        attn_drop_rate: dropout on the attention probabilities (training only).
         pretrained: timm ``name.tag`` of the weights the paper initialised this branch from.
         family: which original branch class the paper's counting rules follow (``"deit"`` =
             ``vit_models``; ``"internvit"`` = the InternViT6B class used for AugReg/MAE/DINOv2/6B).
@@ -98,6 +102,7 @@ class BranchConfig:
     patch_size: int = 16
     pretrain_img_size: int = 224
     pretrain_patch_size: int = 16
+    pos_embed_at_resolution: bool = False
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     qk_norm: bool = False
@@ -111,6 +116,7 @@ class BranchConfig:
     window_padding: Literal["before_qkv", "after_qkv"] = "before_qkv"
     drop_path_rate: float = 0.0
     drop_path_schedule: Literal["constant", "linear"] = "constant"
+    attn_drop_rate: float = 0.0
     pretrained: str | None = None
     family: Family = "deit"
 
@@ -198,7 +204,8 @@ class BranchConfig:
     @property
     def pos_embed_grid(self) -> int:
         """Side of the stored position-embedding grid."""
-        return self.pretrain_img_size // self.patch_size
+        size = self.resolution if self.pos_embed_at_resolution else self.pretrain_img_size
+        return size // self.patch_size
 
     @property
     def windowed(self) -> frozenset[int]:
@@ -256,6 +263,9 @@ class PIIPConfig:
         num_classes: classifier width.
         fpn_norm: normalisation inside the simple feature pyramid's first stage (``"groupnorm"``
             for PIIP, ``"layernorm"`` for the ViTDet baselines).
+        fpn_levels: the simple feature pyramid's levels that are built and returned (``0..3`` =
+            strides 4, 8, 16, 32; DINO-style detectors use ``(1, 2, 3)``, without the stride-4
+            stage).
         name: registry name this config came from (informational).
     """
 
@@ -266,6 +276,7 @@ class PIIPConfig:
     cls_pool: Literal["class_token", "first_patch", "avg"] = "class_token"
     num_classes: int = 1000
     fpn_norm: Literal["groupnorm", "layernorm"] = "groupnorm"
+    fpn_levels: tuple[int, ...] = (0, 1, 2, 3)
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -279,6 +290,11 @@ class PIIPConfig:
         if self.cls_pool not in ("class_token", "first_patch", "avg"):
             raise ValueError(f"PIIPConfig.cls_pool must be 'class_token', 'first_patch' or 'avg', "
                              f"got {self.cls_pool!r}")
+        object.__setattr__(self, "fpn_levels", tuple(self.fpn_levels))
+        if not self.fpn_levels or list(self.fpn_levels) != sorted(set(self.fpn_levels)) \
+                or not set(self.fpn_levels) <= {0, 1, 2, 3}:
+            raise ValueError(f"PIIPConfig.fpn_levels must be increasing pyramid levels from 0..3 "
+                             f"(strides 4/8/16/32), got {self.fpn_levels!r}")
         counts = [len(b.interaction_indexes) for b in self.branches]
         if len(set(counts)) != 1:
             raise ValueError(

@@ -51,8 +51,9 @@ class PIIP(nn.Module):
     """Parameter-Inverted Image Pyramid network built from a :class:`PIIPConfig`.
 
     ``forward(images)`` takes ``(B, 3, H, W)`` images at the finest branch's resolution and returns
-    an ``OrderedDict[str, Tensor]`` of four maps (``task="det"``; ``out_channels`` wide, strides
-    ``self.strides``) or logits ``(B, num_classes)`` (``task="cls"``).
+    an ``OrderedDict[str, Tensor]`` of pyramid maps (``task="det"``; ``out_channels`` wide, keyed by
+    level, strides ``self.strides``: 4/8/16/32 unless ``fpn_levels`` says otherwise) or logits
+    ``(B, num_classes)`` (``task="cls"``).
     """
 
     def __init__(self, config: PIIPConfig):
@@ -69,7 +70,7 @@ class PIIP(nn.Module):
         self.merge = self.fpn = self.classifier = None
         if config.task == "det":
             self.merge = BranchMerge(dims) if len(dims) > 1 else None
-            self.fpn = SimpleFeaturePyramid(dims[0], norm=config.fpn_norm)
+            self.fpn = SimpleFeaturePyramid(dims[0], norm=config.fpn_norm, levels=config.fpn_levels)
         elif config.cls_head == "merged":
             self.classifier = MergedClassifier(dims, config.num_classes)
         for module in (self.interactions, self.merge, self.fpn, self.classifier):
@@ -79,7 +80,7 @@ class PIIP(nn.Module):
             if isinstance(module, MSDeformAttn):
                 module.reset_parameters()
         self.out_channels = dims[0]
-        self.strides = SimpleFeaturePyramid.strides
+        self.strides = self.fpn.strides if self.fpn is not None else ()
 
     # -- input ---------------------------------------------------------------------------------
     def _check_input(self, images: torch.Tensor) -> None:
