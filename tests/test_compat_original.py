@@ -502,6 +502,7 @@ def to_official(model) -> dict[str, torch.Tensor]:
     """Our state dict under the authors' names (an independent inverse of the converter)."""
     classes = model.original_spec["branch_classes"]
     merged_cls = model.config.task == "cls" and model.config.cls_head == "merged"
+    single = model.config.num_branches == 1   # a baseline: top-level ViT keys, up1/up2 pyramid
     out = {}
     for key, value in model.state_dict().items():
         m = re.fullmatch(r"branches\.(\d+)\.(.+)", key)
@@ -509,7 +510,10 @@ def to_official(model) -> dict[str, torch.Tensor]:
             i, rest = int(m.group(1)), m.group(2)
             if classes[i] == "vit_models":
                 rest = re.sub(r"\.ls([12])\.gamma$", r".gamma_\1", rest)
-            out[f"branch{i + 1}.{rest}"] = value
+            out[rest if single else f"branch{i + 1}.{rest}"] = value
+            continue
+        if single and key.startswith("fpn.fpn"):
+            out["up" + key[len("fpn.fpn"):]] = value
             continue
         m = re.fullmatch(r"interactions\.(\d+)\.units\.(\d+)\.(\w+)\.(.+)", key)
         if m:
@@ -571,7 +575,7 @@ GENERAL_CONFIGS = {
                                                          norm_layer_type="RMSNorm", mlp_type="fused_mlp",
                                                          init_values=0.1),
                                       branch2=_internvit(32, 2, 672, window_attn=[True, True], window_size=[2, 2]),
-                                      branch3=_deit(32, 1, 1120, mlp_type="fused_mlp"))),
+                                      branch3=_deit(32, 1, 1120, Mlp_block="fused_mlp"))),
     "det3_no_cffn_normal_attn": ("det", dict(_INTER, with_cffn=False, interact_attn_type="normal",
                                              branch1=_deit(64, 4, 448), branch2=_deit(32, 2, 672),
                                              branch3=_deit(32, 1, 1120, window_attn=True, window_size=4,
@@ -579,6 +583,11 @@ GENERAL_CONFIGS = {
     "det4_tsbl_bug": ("det", dict(_INTER, branch1=_deit(64, 4, 448, depth=4, groups=((0, 1), (2, 3))),
                                   branch2=_deit(64, 4, 672), branch3=_deit(32, 2, 896),
                                   branch4=_deit(16, 1, 1344))),
+    "det1_vit_baseline": ("det", dict(type="vit_models", embed_dim=64, depth=3, num_heads=2, qkv_bias=True,
+                                      init_scale=1.0, with_fpn=True, out_indices=[2], use_flash_attn=True,
+                                      window_attn=[True, True, False], window_size=[3, 3, -1])),
+    "det1_internvit_baseline": ("det", dict(type="InternViT6B", embed_dim=64, depth=2, num_heads=2,
+                                            patch_size=16, with_fpn=True, out_indices=[1])),
     "cls2_augreg_separate": ("cls", dict(_INTER, separate_head=True, num_classes=7,
                                          branch1=dict(_internvit(64, 4, 64), img_size=64, use_cls_token=True,
                                                       num_classes=7, model_type="augreg"),
@@ -640,8 +649,33 @@ def test_config_translation_details():
     _, kw = GENERAL_CONFIGS["cls2_augreg_separate"]
     cfg = original.to_piip_config(kw, "cls")
     assert cfg.cls_pool == "first_patch" and cfg.cls_head == "per_branch" and cfg.num_classes == 7
-    assert [(b.pretrain_img_size, b.class_token, b.pos_embed_class_row) for b in cfg.branches] == \
-        [(64, True, True), (128, True, True)]
+    # the classification classes store pos_embed at img_size (64 -> 4x4, 128 -> 8x8) plus a class row
+    assert [(b.pos_embed_grid, b.pos_embed_at_resolution, b.class_token, b.pos_embed_class_row)
+            for b in cfg.branches] == [(4, True, True, True), (8, True, True, True)]
+    # and take the classification InternViT6B's own defaults: LayerNorm, no qk-norm, no layer scale,
+    # constant drop path (the detection copy would give RMSNorm, qk-norm, 0.1, linear)
+    bare = copy.deepcopy(kw)
+    for key in ("branch1", "branch2"):
+        for arg in ("qk_normalization", "norm_layer_type", "init_values"):
+            bare[key].pop(arg)
+    b1 = original.to_piip_config(bare, "cls").branches[0]
+    assert (b1.norm_layer, b1.qk_norm, b1.init_values, b1.drop_path_schedule) == ("layernorm", False, None, "constant")
+    assert original.to_piip_config(GENERAL_CONFIGS["det3_mixed_noproj"][1], "det").branches[0].norm_layer == "rmsnorm"
+    # their norm test is `== 'RMSNorm'`: any other spelling is LayerNorm
+    kw2 = copy.deepcopy(GENERAL_CONFIGS["det3_mixed_noproj"][1])
+    kw2["branch1"]["norm_layer_type"] = "rmsnorm"
+    assert original.to_piip_config(kw2, "det").branches[0].norm_layer == "layernorm"
+    # vit_models windows a block only when window_attn[i] is True (not merely truthy) and size > 0
+    kw3 = copy.deepcopy(GENERAL_CONFIGS["det2_deit_windows"][1])
+    kw3["branch1"]["window_attn"], kw3["branch1"]["window_size"] = [1, True], [3, -1]
+    assert original.to_piip_config(kw3, "det").branches[0].window_sizes == (None, None)
+    # single-branch baselines: the ViTDet layout with the LayerNorm pyramid, at 1024 unless told
+    base = original.to_piip_config(GENERAL_CONFIGS["det1_vit_baseline"][1], "det")
+    (b,) = base.branches
+    assert (base.fpn_norm, b.resolution, b.window_sizes, b.interaction_indexes) == ("layernorm", 1024, (3, 3, None), ())
+    assert original.to_piip_config(GENERAL_CONFIGS["det1_vit_baseline"][1], "det", input_size=640).input_size == 640
+    (b,) = original.to_piip_config(GENERAL_CONFIGS["det1_internvit_baseline"][1], "det").branches
+    assert (b.norm_layer, b.qk_norm, b.init_values, b.qkv_bias, b.pos_embed_class_row) == ("rmsnorm", True, 0.1, False, True)
 
 
 def test_four_branch_detection_builds_branch4_from_branch3():
@@ -659,33 +693,109 @@ def test_four_branch_detection_builds_branch4_from_branch3():
     with pytest.raises(CheckpointError, match=r"branches\.3\.pos_embed.*\[1, 196, 16\].*\[1, 196, 32\]"):
         convert_state_dict(fake, model)
     # the classification 4-branch class has no such bug
-    cls_kw = {k: (dict(v, img_size=v["real_size"], use_cls_token=True) if k.startswith("branch") else v)
+    cls_kw = {k: ({**{n: x for n, x in v.items() if n != "real_size"}, "img_size": v["real_size"],
+                   "use_cls_token": True} if k.startswith("branch") else v)
               for k, v in kw.items()}
     cls_kw["separate_head"] = True
     assert original.to_piip_config(cls_kw, "cls").branches[3].embed_dim == 16
 
 
-def test_unsupported_configs_fail_clearly():
-    fx = get_fixture("det3_deit")
-    kw = copy.deepcopy(fx.kwargs)
-    kw["branch1"]["pretrained"] = "beitv2_large_patch16_224.pth"
-    with pytest.raises(NotImplementedError, match="BEiT"):
-        build(kw, "det")
-    kw = copy.deepcopy(fx.kwargs)
-    kw["branch2"]["window_attn"] = [True, True]
-    kw["branch2"]["window_size"] = [3, 4]
-    with pytest.raises(NotImplementedError, match="window sizes"):
-        build(kw, "det")
-    kw = copy.deepcopy(fx.kwargs)
-    kw["with_simple_fpn"] = False
-    with pytest.raises(NotImplementedError, match="with_simple_fpn"):
-        build(kw, "det")
+def _edit(base: dict, path: str, value) -> dict:
+    """A deep copy of ``base`` with ``path`` ("branch1.in_chans", "cal_flops") set (or deleted when
+    ``value`` is ``...``)."""
+    kw = copy.deepcopy(base)
+    *parents, leaf = path.split(".")
+    target = kw
+    for part in parents:
+        target = target[part]
+    if value is ...:
+        del target[leaf]
+    else:
+        target[leaf] = value
+    return kw
+
+
+_DET3 = json.loads((FIXTURES / "det3_deit.json").read_text())["kwargs"]
+_DET2 = json.loads((FIXTURES / "det2_internvit.json").read_text())["kwargs"]
+_CLS3 = json.loads((FIXTURES / "cls3_deit.json").read_text())["kwargs"]
+_VIT_B = dict(type="vit_models", embed_dim=64, depth=3, num_heads=2, qkv_bias=True, init_scale=1.0,
+              with_fpn=True, out_indices=[2], use_flash_attn=True, window_attn=[True, True, False],
+              window_size=[3, 3, -1], pretrained="deit_3_base_224_21k.pth")
+
+#: (task, base kwargs, edited key, value, exception, message): every refusal names the argument and value
+REFUSALS = [
+    ("det", _DET3, "branch1.pretrained", "beitv2_large_patch16_224.pth", NotImplementedError, "BEiT"),
+    ("det", _DET3, "branch2.pretrained", "uni-perceiver-base.pth", NotImplementedError, "UniPerceiver"),
+    ("det", _DET3, "branch3.pretrained", "facebook/convnext-tiny-224", NotImplementedError, "ConvNeXt"),
+    ("det", _DET3, "with_simple_fpn", False, NotImplementedError, "with_simple_fpn=False"),
+    ("det", _DET3, "cal_flops", True, NotImplementedError, "cal_flops=True"),
+    ("det", _DET3, "interact_attn_type", "linear", NotImplementedError, "interact_attn_type='linear'"),
+    ("det", _DET3, "norm_layer", "batchnorm", NotImplementedError, "norm_layer='batchnorm'"),
+    ("det", _DET3, "branch1.in_chans", 4, NotImplementedError, "in_chans=4"),
+    ("det", _DET3, "branch1.Mlp_block", "swiglu", NotImplementedError, "Mlp_block='swiglu'"),
+    ("det", _DET3, "branch1.init_scale", 0, NotImplementedError, "init_scale=0"),
+    ("det", _DET3, "branch1.use_cls_token", True, NotImplementedError, "use_cls_token=True"),
+    ("det", _DET3, "branch1.with_fpn", True, NotImplementedError, "with_fpn=True"),
+    ("det", _DET3, "branch1.norm_layer", "LayerNorm", NotImplementedError, "norm_layer='LayerNorm'"),
+    ("det", _DET3, "branch1.output_dtype", "int8", NotImplementedError, "output_dtype='int8'"),
+    ("det", _DET3, "branch1.branch1_w_cls_token", True, NotImplementedError, "branch1_w_cls_token=True"),
+    ("det", _DET3, "branch1.interaction_indexes", [[0, 0]], NotImplementedError, r"interaction_indexes=\[\[0, 0\]\]"),
+    ("det", _DET3, "branch1.interaction_indexes", [], NotImplementedError, r"interaction_indexes=\[\]"),
+    ("det", _DET3, "branch1.real_size", 4000, NotImplementedError, "real_size="),
+    ("det", _DET3, "branch1.foo", 1, ValueError, r"vit_models \(det\) has no argument\(s\) \['foo'\]"),
+    ("det", _DET3, "branch1.real_size", ..., ValueError, "real_size"),
+    ("det", _DET3, "branch1.pretrained", ..., ValueError, "pretrained"),
+    ("det", _DET3, "type", "PIIPTwoBranch", ValueError, "does not match"),
+    ("det", _DET2, "branch1.mlp_type", "swiglu", NotImplementedError, "mlp_type='swiglu'"),
+    ("det", _DET2, "branch1.patch_size", 8, NotImplementedError, "patch_size=\\[8, 16\\]|patch sizes"),
+    ("cls", _CLS3, "branch1.model_type", "vit", NotImplementedError, "model_type='vit'"),
+    ("cls", _CLS3, "branch1.use_final_norm_and_head", True, ValueError, "use_final_norm_and_head"),
+    ("cls", _CLS3, "branch2.window_attn", True, ValueError, "window attention with a class token"),
+    ("cls", _CLS3, "branch2.num_classes", 5, NotImplementedError, "different num_classes"),
+    ("cls", _CLS3, "branch1.real_size", 64, ValueError, r"has no argument\(s\) \['real_size'\]"),
+    ("cls", dict(_CLS3, separate_head=False), "use_cls_head", False, NotImplementedError, "use_cls_head=False"),
+    ("det", _VIT_B, "with_fpn", False, NotImplementedError, "with_fpn=False"),
+    ("det", _VIT_B, "out_indices", [1], NotImplementedError, r"out_indices=\[1\]"),
+    ("det", _VIT_B, "use_simple_fpn", False, NotImplementedError, "use_simple_fpn=False"),
+    ("det", _VIT_B, "qk_scale", 0.5, NotImplementedError, ...),
+    ("det", _VIT_B, "type", "ConvNextHFWrapper", NotImplementedError, "ConvNextHFWrapper"),
+]
+
+
+@pytest.mark.parametrize("task,base,path,value,error,message", REFUSALS,
+                         ids=[f"{r[0]}-{r[2]}={r[3]!r}" for r in REFUSALS])
+def test_arguments_that_cannot_convert_exactly_are_refused_by_name(task, base, path, value, error, message):
+    build(copy.deepcopy(base), task)  # the unedited config builds
+    kw = _edit(base, path, value)
+    if message is ...:  # qk_scale is honoured only without flash attention
+        build(kw, task)
+        kw["use_flash_attn"] = False
+        message = "qk_scale=0.5"
+    with pytest.raises(error, match=message):
+        build(kw, task)
     with pytest.raises(ValueError, match="task"):
-        build(fx.kwargs, "seg")
-    kw = copy.deepcopy(fx.kwargs)
-    del kw["branch1"]["embed_dim"]
-    with pytest.raises(ValueError, match="embed_dim"):
-        build(kw, "det")
+        build(base, "seg")
+
+
+def test_arguments_left_out_take_their_class_defaults():
+    """A key a config leaves out takes the default of the class that reads it (here: vit_models'
+    768/12/12 and the PIIP classes' interaction defaults: 6 heads, ratio 1.0, no ConvFFN, regular
+    attention); the detection InternViT6B swallows unknown keys, with a warning here."""
+    kw = _edit(_DET3, "branch1.embed_dim", ...)
+    for key in ("depth", "num_heads"):
+        del kw["branch1"][key]
+    kw["branch1"].update(interaction_indexes=[[0, 5], [6, 11]], window_attn=False, window_size=None)
+    b1 = original.to_piip_config(kw, "det").branches[0]
+    assert (b1.embed_dim, b1.depth, b1.num_heads) == (768, 12, 12)
+    kw = {k: v for k, v in _DET3.items() if k.startswith("branch")}
+    kw["branch1"] = dict(kw["branch1"], interaction_indexes=[[0, 1]])
+    kw["branch2"] = dict(kw["branch2"], interaction_indexes=[[0, 1]])
+    kw["branch3"] = dict(kw["branch3"], interaction_indexes=[[0, 1]])
+    inter = original.to_piip_config(kw, "det").interaction
+    assert (inter.num_heads, inter.value_ratio, inter.with_ffn, inter.attn_type, inter.drop_path_rate) == \
+        (6, 1.0, False, "regular", 0.3)
+    with pytest.warns(UserWarning, match=r"ignores the unknown argument\(s\) \['img_size'\]"):
+        original.to_piip_config(_edit(_DET2, "branch1.img_size", 224), "det")
 
 
 def test_build_accepts_the_fixture_json_object():
@@ -693,18 +803,22 @@ def test_build_accepts_the_fixture_json_object():
     assert build(fx.json, "det").config == build(fx.kwargs, "det").config
 
 
-def test_dino_backbone_without_fpn1_weights_loads_with_a_warning():
-    fx = get_fixture("det3_deit")
-    kwargs = dict(copy.deepcopy(fx.kwargs), is_dino=True)
-    model = build(kwargs, "det")
-    assert model.original_spec["is_dino"]
+def test_dino_backbones_build_fpn1_as_their_class_does():
+    """is_dino: the 2- and 4-branch classes build no fpn1 and return strides 8/16/32; the 3-branch
+    class still builds fpn1 (unused by DINO), so its checkpoints carry it."""
+    fx = get_fixture("det2_internvit")
+    model = build(dict(copy.deepcopy(fx.kwargs), is_dino=True), "det").eval()
+    assert model.config.fpn_levels == (1, 2, 3) and model.strides == (8, 16, 32)
+    assert not any(k.startswith("fpn.fpn1.") for k in model.state_dict())
     sd = {k: v for k, v in fx.state_dict.items() if not k.startswith("fpn1.")}
-    with pytest.warns(UserWarning, match="fpn1"):
-        converted = convert_state_dict(sd, model)
-    model.load_state_dict(converted, strict=True)
-    with torch.no_grad():  # DINO reads fpn2..fpn4: unaffected
-        outputs = outputs_list(model.eval()(fx.input))
-    for ours, ref in zip(outputs[1:], fx.outputs[1:]):
+    model.load_state_dict(convert_state_dict(sd, model), strict=True)
+    with torch.no_grad():
+        out = model(fx.input)
+    assert list(out) == ["1", "2", "3"]
+    for ours, ref in zip(out.values(), fx.outputs[1:]):
         assert rel_l2(ours, ref) <= TOL
-    with pytest.raises(CheckpointError, match="fpn1"):  # not DINO: missing fpn1 is an error
-        convert_state_dict(sd, build(fx.kwargs, "det"))
+    fx = get_fixture("det3_deit")
+    model = build(dict(copy.deepcopy(fx.kwargs), is_dino=True), "det")
+    assert model.config.fpn_levels == (0, 1, 2, 3) and model.original_spec["is_dino"]
+    with pytest.raises(CheckpointError, match="fpn1"):
+        convert_state_dict({k: v for k, v in fx.state_dict.items() if not k.startswith("fpn1.")}, model)

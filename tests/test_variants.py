@@ -30,9 +30,13 @@ def test_every_variant_builds(name: str, task: str) -> None:
     # round trip through plain data
     assert PIIPConfig.from_dict(cfg.to_dict()) == cfg
     if task == "cls" and cfg.cls_head == "per_branch":
+        # the authors' classification classes: global attention, a class token, position
+        # embeddings at the branch's own grid, constant drop path; several branches' heads read
+        # the first patch token (their released checkpoints), a single ViT its class token
         for b in cfg.branches:
-            assert b.class_token and not b.window_block_indexes   # global attention + class token
-        assert cfg.cls_pool == "class_token"
+            assert b.class_token and not b.window_block_indexes
+            assert b.pos_embed_at_resolution and b.drop_path_schedule == "constant"
+        assert cfg.cls_pool == ("first_patch" if cfg.num_branches > 1 else "class_token")
 
 
 @pytest.mark.parametrize("alias, name", [
@@ -88,7 +92,9 @@ def test_sbl_and_tsbl() -> None:
     assert [b.drop_path_rate for b in det.branches] == [0.4, 0.15, 0.05]
     cls = get_config("piip_sbl", task="cls")
     assert cls.resolutions == (384, 192, 128)
-    assert all(b.family == "internvit" and b.pos_embed_class_row and b.drop_path_schedule == "linear"
+    # the classification InternViT6B class: LayerNorm, no layer scale, no qk-norm, constant drop path
+    assert all(b.family == "internvit" and b.pos_embed_class_row and b.drop_path_schedule == "constant"
+               and b.init_values is None and not b.qk_norm and b.norm_layer == "layernorm"
                for b in cls.branches)
     assert cls.branches[0].pretrained == "vit_large_patch16_224.augreg_in21k_ft_in1k"
     tsbl = get_config("piip_tsbl")

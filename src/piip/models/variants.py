@@ -116,8 +116,11 @@ def branch(preset: str, resolution: int, *, groups: int | tuple | None = None,
 
 
 def _cls(b: BranchConfig, drop_path_rate: float | None = None) -> BranchConfig:
-    """Classification form of a branch: global attention and a class token."""
-    changes: dict[str, Any] = dict(window_block_indexes=(), class_token=True)
+    """Classification form of a branch, as the authors' classification classes build it: global
+    attention, a class token (without position), the position embedding stored at the branch's
+    own grid and a constant drop-path schedule (both of their classification ViT classes)."""
+    changes: dict[str, Any] = dict(window_block_indexes=(), class_token=True, pos_embed_at_resolution=True,
+                                   drop_path_schedule="constant")
     if drop_path_rate is not None:
         changes["drop_path_rate"] = drop_path_rate
     return dataclasses.replace(b, **changes)
@@ -126,10 +129,17 @@ def _cls(b: BranchConfig, drop_path_rate: float | None = None) -> BranchConfig:
 def _model(name: str, task: str, branches: list[BranchConfig], *,
            interaction: InteractionConfig | None = None, cls_dpr: list[float] | None = None,
            **fields: Any) -> PIIPConfig:
-    """Assemble a config; for ``task="cls"`` switch every branch to its classification form."""
+    """Assemble a config; for ``task="cls"`` switch every branch to its classification form.
+
+    A multi-branch classifier averages the branches' pretrained heads, each reading the first
+    *patch* token: the authors' classification classes split the class token off before the
+    heads (reference §2.5), and their released checkpoints were trained that way.
+    """
     if task == "cls":
         dprs = cls_dpr or [None] * len(branches)
         branches = [_cls(b, d) for b, d in zip(branches, dprs)]
+        if len(branches) > 1:
+            fields.setdefault("cls_pool", "first_patch")
     return PIIPConfig(branches=tuple(branches), interaction=interaction or InteractionConfig(),
                       task=task, name=name, **fields)
 
@@ -214,11 +224,12 @@ def piip_tsb_direct(task: str) -> PIIPConfig:
                   description="PIIP-SBL: DeiT-III ViT-S/B/L, det 1120/672/448 (window 28), cls 384/192/128 (AugReg)")
 def piip_sbl(task: str) -> PIIPConfig:
     if task == "cls":
-        # classification/configs/piip_3branch_sbl_384-192-128_cls_token_augreg.py
+        # classification/configs/piip_3branch_sbl_384-192-128_cls_token_augreg.py: the classification
+        # InternViT6B class, whose defaults give LayerNorm blocks without layer scale or qk-norm
         return _model("piip_sbl", task, [
-            branch("augreg_l", 128, groups=12, drop_path_rate=0.4),
-            branch("augreg_b", 192, groups=12, drop_path_rate=0.2),
-            branch("augreg_s", 384, groups=12, drop_path_rate=0.05),
+            branch("augreg_l", 128, groups=12, drop_path_rate=0.4, init_values=None),
+            branch("augreg_b", 192, groups=12, drop_path_rate=0.2, init_values=None),
+            branch("augreg_s", 384, groups=12, drop_path_rate=0.05, init_values=None),
         ])
     # mask_rcnn_deit_sbl_1120_672_448: window 28 in every block, ViT-L in groups of 2 blocks
     return _model("piip_sbl", task, [

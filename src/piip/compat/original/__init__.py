@@ -5,11 +5,13 @@ Three layers, each usable alone:
 * **configs** — :func:`to_piip_config` / :func:`build` translate the keyword dictionary of one of
   their backbone classes (``PIIPTwoBranch`` / ``PIIPThreeBranch`` / ``PIIPFourBranch`` of the
   MMDetection copy for ``task="det"``, the classification ``PIIPThreeBranch`` & co. for
-  ``task="cls"``) into a :class:`~piip.models.config.PIIPConfig` whose network computes what
-  theirs computes. Everything is derived from the kwargs: widths, depths, heads, block groups,
-  per-layer windows, norms, qk-norm, MLP activation, layer scale, position-embedding grids, and the
-  branch class their code would pick (``'deit'`` in the ``pretrained`` path -> ``vit_models``,
-  anything else -> ``InternViT6B``; ``model_type`` in the classification code).
+  ``task="cls"``, and the single-branch ``vit_models`` / ``InternViT6B`` detection baselines) into a
+  :class:`~piip.models.config.PIIPConfig` whose network computes what theirs computes. Every
+  constructor argument is converted, ignored or refused by name as the audit in :mod:`.arguments`
+  says (``docs/original_arguments.md``); a key the config leaves out takes the default of *the
+  class that reads it* (the two copies of ``InternViT6B`` and ``vit_models`` differ); the branch
+  class is the one their code picks (``'deit'`` in the ``pretrained`` path, ``model_type`` in the
+  classification code).
 * **state dicts** — :func:`convert_state_dict` renames their keys to ours (``gamma_1`` ->
   ``ls1.gamma``, ``interaction_units_23`` -> ``units.1``, ``branch2to1_injector`` ->
   ``inject_b_to_a``, ``ffn.dwconv.dwconv`` -> ``ffn.dwconv``, ``merge_branch{i}`` ->
@@ -31,7 +33,7 @@ classification heads read the first *patch* token; class tokens get no position 
 non-flash path.
 """
 from ...weights.checkpoint import CheckpointError
-from .configs import branch_kwargs, build, original_class_name, to_piip_config
+from .configs import branch_kwargs, build, original_class, original_class_name, to_piip_config
 from .files import convert_checkpoint, load_original_checkpoint
 from .state_dict import convert_state_dict, map_key
 
@@ -39,6 +41,7 @@ __all__ = [
     "build",
     "to_piip_config",
     "branch_kwargs",
+    "original_class",
     "original_class_name",
     "convert_state_dict",
     "map_key",

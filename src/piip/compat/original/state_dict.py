@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Mapping
 
 import torch
@@ -25,14 +24,24 @@ _UNIT_PARTS = (
 )
 
 
+_SINGLE_BRANCH_ROOTS = ("patch_embed.", "pos_embed", "cls_token", "blocks.")
+_UP = re.compile(r"up([1-4])\.(.+)")
+
+
 def map_key(key: str, *, head: str = "det") -> str | None:
     """Our name for one of their backbone keys (``None`` when it has no counterpart).
 
     ``head`` selects what ``merge_branch*``/``w*`` become: ``"det"`` (conv merge, ``merge.*``) or
     ``"merged"`` (the classification GroupNorm/Linear merge, ``classifier.*``). The scalar weights
     ``w{i}`` map to ``merge.weights[i-1]`` / ``classifier.weights[i-1]`` and are written
-    ``<target>#<index>``.
+    ``<target>#<index>``. ``head="single"`` maps a single-branch baseline (``vit_models`` /
+    ``InternViT6B`` with ``with_fpn=True``): its ViT keys to branch 0, ``up1``/``up2`` to the pyramid.
     """
+    if head == "single":
+        if key.startswith(_SINGLE_BRANCH_ROOTS):
+            return map_key(f"branch1.{key}")
+        m = _UP.fullmatch(key)
+        return f"fpn.fpn{m.group(1)}.{m.group(2)}" if m else None
     m = _BRANCH.fullmatch(key)
     if m:
         index, rest = int(m.group(1)), m.group(2)
@@ -80,6 +89,8 @@ def map_key(key: str, *, head: str = "det") -> str | None:
 
 
 def _head_kind(model: PIIP) -> str:
+    if model.config.num_branches == 1:
+        return "single"
     return "merged" if model.config.task == "cls" and model.config.cls_head == "merged" else "det"
 
 
@@ -132,17 +143,6 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: PIIP) -> d
         first = parts[0][1]
         out[target] = torch.stack([parts[i][1].reshape(()).to(first.dtype) for i in range(len(parts))])
         names[target] = ", ".join(parts[i][0] for i in range(len(parts)))
-
-    spec = getattr(model, "original_spec", {}) or {}
-    if spec.get("is_dino"):
-        # DINO backbones return fpn2..fpn4 only; a checkpoint may lack the unused fpn1 weights
-        filled = [k for k in expected if k.startswith("fpn.fpn1.") and k not in out]
-        if filled:
-            warnings.warn(f"is_dino: the checkpoint has no {filled}; they keep their initial values "
-                          "(fpn1 is not used by DINO-style outputs)", stacklevel=2)
-            for k in filled:
-                out[k] = expected[k].detach().clone()
-                names[k] = "(initial value)"
 
     check_state_dict(out, expected, what="converted checkpoint", names=names, unmapped=unmapped)
     return out
