@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
 from piip import BranchConfig, InteractionConfig, PIIPConfig
-from piip.engine import TrainConfig, apply_overrides, build_model, param_rules, train
+from piip.engine import TrainConfig, apply_overrides, build_backbone, param_rules, train
 from piip.engine.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from piip.engine.config import load_config
 from piip.engine.optim import build_scheduler
@@ -66,10 +66,10 @@ def make_cfg(out_dir, *overrides) -> TrainConfig:
 def test_param_groups_multipliers_and_decay_exemptions():
     cfg = TrainConfig()
     cfg.model.piip = micro_piip(cls_head="merged")
-    model = build_model(cfg.model, "cls")
+    model = build_backbone(cfg.model, "cls")
     # a class token on branch 1 to check its exemption
     cfg.model.piip["branches"][0]["class_token"] = True
-    model_tok = build_model(cfg.model, "cls")
+    model_tok = build_backbone(cfg.model, "cls")
     rules = param_rules(model_tok, weight_decay=0.1, new_module_lr_mult=10.0)
     for name, rule in rules.items():
         new = name.startswith(("interactions.", "classifier."))
@@ -94,7 +94,7 @@ def test_param_groups_multipliers_and_decay_exemptions():
 def test_layer_decay_aligns_last_blocks():
     cfg = TrainConfig()
     cfg.model.piip = micro_piip()
-    model = build_model(cfg.model, "cls")
+    model = build_backbone(cfg.model, "cls")
     rules = param_rules(model, weight_decay=0.05, new_module_lr_mult=10.0, layer_decay=0.5)
     ids = {n: r.layer_id for n, r in rules.items()}
     # depths 4/2/2 -> num_layers 4, strides 1/2/2; Ltot = 6
@@ -131,6 +131,64 @@ def test_schedule_warmup_and_cosine():
     assert lrs[0] == 0 and lrs[2] == pytest.approx(5e-3) and lrs[4] == pytest.approx(1e-2)
     assert lrs[-1] == pytest.approx(1e-4)  # min_lr, times the group's 10x
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def _lrs(cfg, steps_per_epoch: int) -> list[float]:
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [p], "lr": cfg.optim.lr}])
+    sched = build_scheduler(opt, cfg.optim, steps_per_epoch=steps_per_epoch)
+    lrs = []
+    for _ in range(cfg.optim.epochs * steps_per_epoch):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_step_schedule_is_mmdetections_1x():
+    """lr 1e-4, 500 linear warm-up steps from 0.001 x lr, x0.1 at epochs 8 and 11 of 12."""
+    cfg = TrainConfig()
+    apply_overrides(cfg, ["optim.lr=1e-4", "optim.warmup_steps=500", "optim.warmup_lr=1e-7",
+                          "optim.schedule=step", "optim.milestones=[8,11]", "optim.epochs=12"])
+    lrs = _lrs(cfg, steps_per_epoch=100)
+    assert lrs[0] == pytest.approx(1e-7) and lrs[250] == pytest.approx(1e-7 + (1e-4 - 1e-7) * 0.5)
+    assert lrs[500] == pytest.approx(1e-4) and lrs[799] == pytest.approx(1e-4)
+    assert lrs[800] == pytest.approx(1e-5) and lrs[1099] == pytest.approx(1e-5)
+    assert lrs[1100] == pytest.approx(1e-6) and lrs[-1] == pytest.approx(1e-6)
+
+
+def test_poly_schedule_is_mmsegmentations():
+    """Power 1.0 from lr to min_lr 0 over all steps, after a linear warm-up from 1e-6 x lr."""
+    cfg = TrainConfig()
+    apply_overrides(cfg, ["optim.lr=4e-5", "optim.warmup_steps=15", "optim.warmup_lr=4e-11", "optim.min_lr=0",
+                          "optim.schedule=poly", "optim.power=1.0", "optim.epochs=1"])
+    lrs = _lrs(cfg, steps_per_epoch=100)
+    assert lrs[0] == pytest.approx(4e-11)
+    assert lrs[15] == pytest.approx(4e-5 * (1 - 15 / 100)) and lrs[60] == pytest.approx(4e-5 * 0.4)
+    with pytest.raises(ValueError, match="optim.schedule"):
+        apply_overrides(cfg, ["optim.schedule=linear"])
+        _lrs(cfg, 10)
+
+
+def test_grouped_batches_keep_one_aspect_ratio_and_skip_exactly():
+    from torch.utils.data import DistributedSampler
+
+    from piip.engine.sampling import GroupedBatchSampler, SkipBatchSampler, ShardSampler
+
+    groups = [i % 3 == 0 for i in range(50)]  # 17 of one group, 33 of the other
+    sampler = DistributedSampler(range(50), num_replicas=1, rank=0, shuffle=True, seed=3)
+    sampler.set_epoch(1)
+    grouped = GroupedBatchSampler(sampler, groups, 4)
+    out = list(grouped)
+    assert len(out) == len(grouped) == 12 and all(len(b) == 4 for b in out)
+    assert len({i for b in out for i in b}) == 48                           # each sample at most once
+    # 17 + 33 samples: 4 + 8 full one-group batches, the 1 + 1 leftovers make no full batch
+    assert all(len({groups[i] for i in b}) == 1 for b in out)
+    assert out == list(GroupedBatchSampler(sampler, groups, 4))             # deterministic per epoch
+    skip = SkipBatchSampler(grouped)
+    skip.skip = 5
+    assert list(skip) == out[5:] and len(skip) == 7
+    assert list(ShardSampler(10, 1, 3)) == [1, 4, 7]
 
 
 def test_config_overrides_and_round_trip(tmp_path):

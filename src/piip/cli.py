@@ -126,8 +126,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from .engine import load_config, train
     from .engine.distributed import cleanup, is_main
 
-    cfg = load_config(args.config, args.overrides)
-    cfg.task = args.task
+    cfg = load_config(args.config, args.overrides, task=args.task)
     try:
         summary = train(cfg, resume=args.resume or None)
         if is_main():
@@ -151,7 +150,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
              finetune_epochs=args.finetune_epochs, fresh=args.fresh, console=console)
 
 
-def _cmd_eval(args: argparse.Namespace) -> None:
+def _cmd_eval_cls(args: argparse.Namespace) -> None:
     import torch
 
     from .data import DataConfig, resolve_data_arg
@@ -182,6 +181,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .tasks.base import task_names
+
     parser = argparse.ArgumentParser(prog="piip", description="Parameter-Inverted Image Pyramid Networks")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -236,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="retrain runs that already finished in --out")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint (classification: top-1/top-5/per-class)")
-    p.add_argument("task", choices=("cls",))
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset (one subcommand per task)")
+    tasks = p.add_subparsers(dest="task", required=True)
+    p = tasks.add_parser("cls", help="classification: top-1 / top-5 / per-class accuracy")
     p.add_argument("--checkpoint", required=True, help="a piip classification checkpoint (.safetensors)")
     p.add_argument("--data", required=True,
                    help="'fashion_mnist' (default folder), a folder of Fashion-MNIST IDX files, or an "
@@ -253,10 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_cmd_eval)
+    p.set_defaults(func=_cmd_eval_cls)
 
     p = sub.add_parser("train", help="train (torchrun --nproc_per_node=N -m piip train ... for DDP)")
-    p.add_argument("task", choices=("cls",))
+    p.add_argument("task", choices=task_names(), help="the task (cls: classification, det: detection)")
     p.add_argument("config", help="a JSON or YAML TrainConfig file, or a shipped config by name "
                                   "(e.g. fashion_mnist)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. optim.lr=1e-4 run.amp=bf16")

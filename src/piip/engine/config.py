@@ -18,6 +18,9 @@ Example (JSON)::
 layout: explicit branch widths, depths, resolutions, interaction groups) instead of a registered
 ``model.name``. The configs shipped in ``piip/configs/`` are loaded by name
 (``load_config("fashion_mnist")``).
+
+The ``data`` section belongs to the task: its dataclass is the task's ``data_config``
+(:mod:`piip.tasks`), so ``data.*`` keys and overrides are checked against that task's fields.
 """
 from __future__ import annotations
 
@@ -29,8 +32,6 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
-
-from ..data import DataConfig
 
 __all__ = ["ModelConfig", "OptimConfig", "AugConfig", "RunConfig", "TrainConfig", "CONFIG_DIR",
            "list_configs", "resolve_config_path", "load_config", "apply_overrides", "parse_value"]
@@ -56,7 +57,10 @@ class ModelConfig:
         interaction_drop_path: drop path inside the interaction units.
         pretrained: initialise the branches from the timm weights the variant names.
         branch_weights: local weight files per branch ``{"branch1": "file.safetensors", ...}``.
-        checkpoint: a whole piip checkpoint to start from (fine-tuning).
+        checkpoint: a whole piip checkpoint to start from (fine-tuning; exclusive with
+            ``pretrained``/``branch_weights``).
+        head: the task's head settings (detection: ``{"masks": true, "fpn_channels": 256, ...}``,
+            see the task's head config); empty for classification.
     """
 
     name: str = ""
@@ -73,11 +77,13 @@ class ModelConfig:
     pretrained: bool = False
     branch_weights: dict | None = None
     checkpoint: str | None = None
+    head: dict = field(default_factory=dict)
 
 
 @dataclass
 class OptimConfig:
-    """Optimiser and schedule (AdamW, linear warm-up then cosine, stepped per optimiser step).
+    """Optimiser and schedule (AdamW; linear warm-up, then cosine, step or poly decay; stepped per
+    optimiser step).
 
     Paper classification recipe (reference §8.3): lr 3e-5 (unscaled, global batch 1024), wd 0.1,
     20 epochs, 5 warm-up epochs from 1e-6, min_lr 1e-5, new_module_lr_mult 10 (the interactions),
@@ -96,6 +102,9 @@ class OptimConfig:
             strides ``num_layers / depth_k``).
         decay_exempt_by_name: also exempt ``model.no_weight_decay()`` names (pos_embed, cls_token,
             gates, merge weights); the original only exempted 1-d params and biases.
+        schedule: after the warm-up, ``"cosine"`` (to ``min_lr`` at the end), ``"step"`` (times
+            ``gamma`` at each of ``milestones``, in epochs: MMDetection's 1x is ``[8, 11]`` of 12)
+            or ``"poly"`` (``(1 - progress) ** power`` down to ``min_lr``: MMSegmentation's).
     """
 
     optimizer: str = "adamw"
@@ -116,6 +125,10 @@ class OptimConfig:
     min_lr: float = 1e-5
     batch_size: int = 1024
     accum_steps: int = 1
+    schedule: str = "cosine"
+    milestones: list = field(default_factory=list)
+    gamma: float = 0.1
+    power: float = 1.0
 
 
 @dataclass
@@ -173,10 +186,23 @@ class TrainConfig:
 
     task: str = "cls"
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: Any = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        """Type the ``data`` section with the task's data config (a dict is checked field by field)."""
+        from ..tasks.base import get_task_class
+
+        data_cls = get_task_class(self.task).data_config
+        if self.data is None:
+            self.data = data_cls()
+        elif isinstance(self.data, dict):
+            self.data = _build(data_cls, self.data, "data.")
+        elif not isinstance(self.data, data_cls):
+            raise ValueError(f"data must be a {data_cls.__name__} for task {self.task!r}, "
+                             f"got {type(self.data).__name__}")
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -346,9 +372,10 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
                             f"(shipped: {', '.join(list_configs())})")
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                task: str | None = None) -> TrainConfig:
     """Read a JSON or YAML config file, or a shipped config by name (``None``: defaults), and apply
-    command-line style overrides."""
+    command-line style overrides. ``task`` (the command line's) must agree with the file's."""
     data: dict[str, Any] = {}
     if path is not None:
         path = resolve_config_path(path)
@@ -362,5 +389,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
                 data = json.loads(text)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if task is not None:
+        if data.get("task", task) != task:
+            raise ValueError(f"the config {str(path)!r} is for task {data['task']!r}, not {task!r}")
+        data = {**data, "task": task}
     cfg = TrainConfig.from_dict(data)
     return apply_overrides(cfg, overrides or [])

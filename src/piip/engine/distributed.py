@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistInfo", "init_distributed", "is_dist", "is_main", "rank", "world_size", "barrier",
-           "all_reduce_mean", "broadcast_object", "cleanup"]
+           "all_reduce_mean", "broadcast_object", "gather_objects", "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,16 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def gather_objects(items: list) -> list:
+    """Every rank's ``items`` concatenated in rank order (on every rank; the list itself without a
+    process group). Used by the tasks' evaluations through the engine."""
+    if not is_dist():
+        return list(items)
+    boxes = [None] * dist.get_world_size()
+    dist.all_gather_object(boxes, list(items))
+    return [item for box in boxes for item in box]
 
 
 def cleanup() -> None:

@@ -1,4 +1,4 @@
-"""Parameter groups, AdamW and the warm-up + cosine schedule.
+"""Parameter groups, AdamW and the warm-up + cosine / step / poly schedules.
 
 Rules (per parameter, by name, for a bare PIIP or any model that holds one under a prefix such as
 ``backbone.``):
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 __all__ = ["ParamRule", "param_rules", "build_param_groups", "build_optimizer", "cosine_lambda",
-           "build_scheduler", "layer_ids"]
+           "step_lambda", "poly_lambda", "build_scheduler", "layer_ids"]
 
 _BRANCH_RE = re.compile(r"(?:^|\.)branches\.(\d+)\.(.*)$")
 _EMBED_RE = re.compile(r"^(cls_token|pos_embed|patch_embed)(\.|$)")
@@ -146,15 +146,43 @@ def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
 def cosine_lambda(total_steps: int, warmup_steps: int, base_lr: float, warmup_lr: float, min_lr: float):
     """Factor of ``base_lr`` at optimiser step ``s`` (0-based): linear warm-up from ``warmup_lr``,
     then cosine from ``base_lr`` to ``min_lr`` at ``total_steps``."""
-    w0 = warmup_lr / base_lr if base_lr else 0.0
     floor = min_lr / base_lr if base_lr else 0.0
     decay = max(1, total_steps - warmup_steps)
+
+    def after(step: int) -> float:
+        progress = min(1.0, (step - warmup_steps) / decay)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return _with_warmup(after, warmup_steps, base_lr, warmup_lr)
+
+
+def step_lambda(warmup_steps: int, base_lr: float, warmup_lr: float, milestones: Sequence[int],
+                gamma: float):
+    """Linear warm-up from ``warmup_lr``, then ``gamma ** (milestones passed)`` (MMDetection's
+    step schedule: its linear warm-up ramps the factor from ``warmup_lr / base_lr`` to 1)."""
+    points = sorted(int(m) for m in milestones)
+    return _with_warmup(lambda step: gamma ** sum(step >= m for m in points), warmup_steps, base_lr, warmup_lr)
+
+
+def poly_lambda(total_steps: int, warmup_steps: int, base_lr: float, warmup_lr: float, min_lr: float,
+                power: float):
+    """Linear warm-up, then ``(1 - step / total) ** power`` from ``base_lr`` down to ``min_lr``
+    (MMSegmentation's poly schedule, whose progress counts from step 0)."""
+    floor = min_lr / base_lr if base_lr else 0.0
+
+    def after(step: int) -> float:
+        return floor + (1.0 - floor) * (1.0 - min(step, total_steps) / total_steps) ** power
+
+    return _with_warmup(after, warmup_steps, base_lr, warmup_lr)
+
+
+def _with_warmup(after, warmup_steps: int, base_lr: float, warmup_lr: float):
+    w0 = warmup_lr / base_lr if base_lr else 0.0
 
     def fn(step: int) -> float:
         if step < warmup_steps:
             return w0 + (1.0 - w0) * step / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / decay)
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return after(step)
 
     return fn
 
@@ -162,10 +190,19 @@ def cosine_lambda(total_steps: int, warmup_steps: int, base_lr: float, warmup_lr
 def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, steps_per_epoch: int
                     ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-optimiser-step LambdaLR (resumable via its ``state_dict``); min/warm-up lrs scale with
-    each group's multiplier."""
+    each group's multiplier. ``optim_cfg.schedule``: ``"cosine"``, ``"step"`` (``milestones`` in
+    epochs) or ``"poly"``."""
     total = max(1, optim_cfg.epochs * steps_per_epoch)
     warmup = (optim_cfg.warmup_steps if optim_cfg.warmup_steps is not None
               else int(round(optim_cfg.warmup_epochs * steps_per_epoch)))
     warmup = min(warmup, total)
-    fn = cosine_lambda(total, warmup, optim_cfg.lr, optim_cfg.warmup_lr, optim_cfg.min_lr)
+    o = optim_cfg
+    if o.schedule == "cosine":
+        fn = cosine_lambda(total, warmup, o.lr, o.warmup_lr, o.min_lr)
+    elif o.schedule == "step":
+        fn = step_lambda(warmup, o.lr, o.warmup_lr, [round(m * steps_per_epoch) for m in o.milestones], o.gamma)
+    elif o.schedule == "poly":
+        fn = poly_lambda(total, warmup, o.lr, o.warmup_lr, o.min_lr, o.power)
+    else:
+        raise ValueError(f"optim.schedule must be 'cosine', 'step' or 'poly', got {o.schedule!r}")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -1,183 +1,47 @@
-"""The training engine: ``train(cfg)`` for classification, built to be reused by detection and
-segmentation through a small *task* object (model, datasets, loss of a batch, evaluation).
+"""The training engine: ``train(cfg)`` for every task. It knows no task: a task object (see
+:mod:`piip.tasks.base`) supplies the datasets, the model, the loss of a batch, the evaluation and
+the export; the engine owns the loop, the optimiser and schedule, distribution, checkpoints and logs.
 
-Determinism and resume: the data order comes from a seeded :class:`ResumableDistributedSampler`
-(``seed + epoch``; used for any world size) and every DataLoader draws its worker seeds from its own
-generator (seeded per epoch), so the global RNGs -- saved per rank in every checkpoint -- are only
-consumed by the model (drop path), mixup/cutmix and in-process transforms. A checkpoint records the
-epoch and the micro-batches already consumed in it; ``--resume`` skips exactly those, so a killed
-and resumed run reproduces the uninterrupted run step for step (exactly with ``num_workers=0``;
-with worker processes, random per-sample augmentations are re-seeded differently after a resume).
+Determinism and resume: the data order comes from a seeded ``DistributedSampler`` (``seed + epoch``;
+used for any world size), batched by the task's grouping if it has one, and every DataLoader draws
+its worker seeds from its own generator (seeded per epoch), so the global RNGs -- saved per rank in
+every checkpoint -- are only consumed by the model (drop path), mixup/cutmix and in-process
+transforms. A checkpoint records the epoch and the micro-batches already consumed in it;
+``--resume`` skips exactly those batches, so a killed and resumed run reproduces the uninterrupted
+run step for step (exactly with ``num_workers=0``; with worker processes, random per-sample
+augmentations are re-seeded differently after a resume).
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import distributed as D
 from .checkpoint import (atomic_torch_save, latest_checkpoint, load_training_checkpoint, rng_state,
                          save_training_checkpoint, set_rng_state)
-from .config import ModelConfig, TrainConfig
+from .config import TrainConfig
 from .optim import build_optimizer, build_scheduler
+from .sampling import ShardSampler, SkipBatchSampler, training_batches
 
-__all__ = ["train", "build_model", "build_model_config", "ResumableDistributedSampler", "ClassificationTask", "TASKS"]
-
-
-# -- data order --------------------------------------------------------------------------------
-class ResumableDistributedSampler(DistributedSampler):
-    """``DistributedSampler`` that can start part-way through an epoch (``set_start``: the number
-    of this rank's samples already consumed)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.start = 0
-
-    def set_start(self, start: int) -> None:
-        self.start = int(start)
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.start:])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
+__all__ = ["train", "build_task"]
 
 
-# -- model ---------------------------------------------------------------------------------------
-def build_model_config(mcfg: ModelConfig, task: str = "cls", num_classes: int | None = None):
-    """The :class:`~piip.models.config.PIIPConfig` a :class:`ModelConfig` describes (registered
-    name or explicit ``piip`` dict, with the overrides and per-branch drop path applied)."""
-    from ..models.config import PIIPConfig
-    from ..models.registry import get_config
+def build_task(cfg: TrainConfig) -> Any:
+    """The task object of a run (``cfg.task``: a name registered in :mod:`piip.tasks`)."""
+    from ..tasks.base import get_task_class
 
-    if mcfg.piip is not None:
-        config = PIIPConfig.from_dict({**mcfg.piip, "task": task})
-        if mcfg.resolutions is not None:
-            config = config.with_resolutions(mcfg.resolutions)
-        if mcfg.interactions is not None:
-            config = config.with_interactions(mcfg.interactions)
-        if mcfg.interaction_attn is not None:
-            config = dataclasses.replace(config, interaction=dataclasses.replace(
-                config.interaction, attn_type=mcfg.interaction_attn))
-    elif mcfg.name:
-        config = get_config(mcfg.name, task=task, resolutions=mcfg.resolutions,
-                            interactions=mcfg.interactions, interaction_attn=mcfg.interaction_attn)
-    else:
-        raise ValueError("model.name (a registered variant) or model.piip (a PIIPConfig dict) is required")
-    changes: dict[str, Any] = {}
-    classes = mcfg.num_classes if mcfg.num_classes is not None else num_classes
-    if classes is not None:
-        changes["num_classes"] = int(classes)
-    if mcfg.cls_head is not None:
-        changes["cls_head"] = mcfg.cls_head
-    if mcfg.cls_pool is not None:
-        changes["cls_pool"] = mcfg.cls_pool
-    rates = mcfg.branch_drop_path
-    if rates is None and mcfg.drop_path_rate is not None:
-        rates = [mcfg.drop_path_rate] * config.num_branches
-    if rates is not None:
-        if len(rates) != config.num_branches:
-            raise ValueError(f"model.branch_drop_path needs {config.num_branches} values (branch 1 first), got {rates}")
-        changes["branches"] = tuple(dataclasses.replace(b, drop_path_rate=float(r))
-                                    for b, r in zip(config.branches, rates))
-    if mcfg.interaction_drop_path is not None:
-        changes["interaction"] = dataclasses.replace(config.interaction,
-                                                     drop_path_rate=float(mcfg.interaction_drop_path))
-    return dataclasses.replace(config, **changes)
-
-
-def build_model(mcfg: ModelConfig, task: str = "cls", num_classes: int | None = None) -> nn.Module:
-    """A :class:`~piip.models.piip.PIIP` from a :class:`ModelConfig`, with its weights (timm
-    branch weights, local ``branch_weights`` files, or a whole piip ``checkpoint``)."""
-    from ..models.piip import PIIP
-
-    model = PIIP(build_model_config(mcfg, task, num_classes))
-    if mcfg.pretrained or mcfg.branch_weights:
-        from ..weights.pretrained import load_branch_weights
-
-        model.pretrained_report = load_branch_weights(model, mcfg.branch_weights, use_hub=mcfg.pretrained)
-    elif mcfg.checkpoint:
-        from ..weights.checkpoint import load_checkpoint
-
-        load_checkpoint(mcfg.checkpoint, model)
-    return model
-
-
-# -- tasks ---------------------------------------------------------------------------------------
-class ClassificationTask:
-    """Classification: timm Mixup/CutMix, soft-target / label-smoothing cross-entropy, top-1/5."""
-
-    name = "cls"
-    metric = "top1"  # higher is better; picks ``best.pt``
-
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
-        self.mixup = None
-        self.num_classes = None
-
-    def build_datasets(self, cfg: TrainConfig) -> tuple[Dataset, Dataset | None]:
-        from ..data import build_dataset
-
-        data = cfg.data
-        if data.image_size is None:  # the model's input size (its finest branch's resolution)
-            data = dataclasses.replace(data, image_size=build_model_config(cfg.model, "cls").input_size)
-        train = build_dataset(data, "train")
-        try:
-            val = build_dataset(data, "val")
-        except (ValueError, FileNotFoundError, KeyError):
-            val = None
-        return train, val
-
-    def build_model(self, cfg: TrainConfig, train_dataset: Dataset) -> nn.Module:
-        classes = getattr(train_dataset, "classes", None)
-        model = build_model(cfg.model, "cls", len(classes) if classes is not None else None)
-        self.num_classes = model.config.num_classes
-        aug = cfg.aug
-        if aug.mixup > 0 or aug.cutmix > 0:
-            from timm.data import Mixup
-
-            self.mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob,
-                               switch_prob=aug.mixup_switch_prob, label_smoothing=aug.label_smoothing,
-                               num_classes=self.num_classes)
-        return model
-
-    def loss(self, model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, int]:
-        images, targets = batch
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if self.mixup is not None:
-            images, soft = self.mixup(images, targets)
-            logits = model(images)
-            loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-        else:
-            logits = model(images)
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.aug.label_smoothing)
-        return loss, images.shape[0]
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device,
-                 amp_dtype: torch.dtype | None) -> dict[str, float]:
-        from ..tasks.classification import evaluate
-
-        m = evaluate(model, loader, self.num_classes, device, amp_dtype)
-        return {"top1": float(m.top1), "top5": float(m.top5), "loss": float(m.loss),
-                "num_samples": int(m.num_samples)}
-
-
-#: task name -> task class (detection and segmentation register theirs here)
-TASKS: dict[str, Callable[[TrainConfig], Any]] = {"cls": ClassificationTask}
+    return get_task_class(cfg.task)(cfg)
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -237,11 +101,11 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
 
     Args:
         cfg: the run's :class:`TrainConfig` (saved as ``<out_dir>/config.json``).
-        train_dataset, val_dataset: datasets to use instead of ``piip.data.build_dataset(cfg.data)``;
-            items are ``(image, label)``.
+        train_dataset, val_dataset: datasets to use instead of the task's ``build_datasets(cfg)``
+            (items as the task's ``collate`` expects).
         resume: ``True``/``"auto"`` (the ``latest`` checkpoint of ``cfg.run.out_dir``; a fresh start
             when there is none) or a checkpoint file / folder.
-        task: a task object (default: ``TASKS[cfg.task](cfg)``).
+        task: a task object (default: the task registered as ``cfg.task``).
 
     Summary keys: ``step`` (optimiser steps done), ``epoch``, ``step_losses`` ({step: mean loss over
     ranks} of the steps run by this call), ``eval`` (last evaluation), ``best``, ``train_time_s``
@@ -254,7 +118,7 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
     main = rank == 0
     out_dir = Path(cfg.run.out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    task = task or TASKS[cfg.task](cfg)
+    task = task or build_task(cfg)
     amp_dtype = _amp_dtype(cfg.run.amp)
     o = cfg.optim
 
@@ -279,13 +143,15 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
         raise ValueError(f"optim.batch_size={o.batch_size} must be divisible by world_size ({world}) x "
                          f"accum_steps ({o.accum_steps})")
     micro = o.batch_size // (world * o.accum_steps)
-    sampler = ResumableDistributedSampler(train_dataset, num_replicas=world, rank=rank, shuffle=True,
-                                          seed=cfg.run.seed, drop_last=True)
+    sampler = DistributedSampler(train_dataset, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=cfg.run.seed, drop_last=True)
+    groups = task.batch_groups(train_dataset) if hasattr(task, "batch_groups") else None
+    batch_sampler = SkipBatchSampler(training_batches(sampler, micro, groups))
     loader_gen = torch.Generator()
-    loader = DataLoader(train_dataset, batch_size=micro, sampler=sampler, num_workers=cfg.run.num_workers,
-                        drop_last=True, pin_memory=device.type == "cuda", generator=loader_gen,
+    loader = DataLoader(train_dataset, batch_sampler=batch_sampler, num_workers=cfg.run.num_workers,
+                        collate_fn=task.collate, pin_memory=device.type == "cuda", generator=loader_gen,
                         persistent_workers=False)
-    micro_per_epoch = sampler.num_samples // micro
+    micro_per_epoch = len(batch_sampler.batch_sampler)
     steps_per_epoch = micro_per_epoch // o.accum_steps
     if steps_per_epoch < 1:
         raise ValueError(f"the training set ({len(train_dataset)} samples) is smaller than one global "
@@ -392,7 +258,7 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
     try:
         while epoch < o.epochs and not halted:
             sampler.set_epoch(epoch)
-            sampler.set_start(micro_done * micro)
+            batch_sampler.skip = micro_done
             loader_gen.manual_seed(cfg.run.seed * 100_003 + epoch)
             batches = iter(loader)
             while micro_done + o.accum_steps <= micro_per_epoch:
@@ -443,11 +309,11 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
             del batches
             due = cfg.run.eval_every and epoch % cfg.run.eval_every == 0
             if val_dataset is not None and (due or epoch == o.epochs):
-                last_eval = _evaluate(task, model, ema, val_dataset, micro, device, amp_dtype, cfg) if main else None
-                last_eval = D.broadcast_object(last_eval)
+                last_eval = _evaluate(task, model, ema, val_dataset, micro, device, amp_dtype, cfg)
                 log({"kind": "eval", "step": step, "epoch": epoch, "train_time_s": train_time, **last_eval})
-                score = last_eval.get(getattr(task, "metric", "top1"))
-                is_best = score is not None and (best is None or score > best)
+                score = last_eval.get(task.metric)
+                better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
+                is_best = score is not None and (best is None or better(score, best))
                 if is_best:
                     best = score
                 last_ckpt = save()
@@ -462,14 +328,9 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
 
     model_path = None
     if not halted and main:
-        from ..models.piip import PIIP
-        from ..weights.checkpoint import save_checkpoint
-
-        bare = _bare(model)
-        if isinstance(bare, PIIP):
-            model_path = save_checkpoint(bare, out_dir / "model.safetensors")
-            if ema is not None:
-                save_checkpoint(ema.module, out_dir / "model_ema.safetensors")
+        model_path = task.export(_bare(model), str(out_dir / "model.safetensors"))
+        if ema is not None:
+            task.export(ema.module, str(out_dir / "model_ema.safetensors"))
     D.barrier()
     summary = {"step": step, "epoch": epoch, "step_losses": step_losses, "eval": last_eval, "best": best,
                "train_time_s": train_time, "images_seen": step * o.batch_size,
@@ -481,13 +342,14 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
 
 
 def _evaluate(task, model, ema, dataset, batch, device, amp_dtype, cfg) -> dict:
+    """The task's evaluation, every rank on its own shard; the task gathers through ``D.gather_objects``."""
     gen = torch.Generator().manual_seed(0)  # keep the global RNG untouched
-    loader = DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=cfg.run.num_workers,
-                        generator=gen)
+    loader = DataLoader(dataset, batch_size=batch, sampler=ShardSampler(len(dataset), D.rank(), D.world_size()),
+                        num_workers=cfg.run.num_workers, collate_fn=task.collate, generator=gen)
     was_training = model.training
-    result = task.evaluate(model, loader, device, amp_dtype)
+    result = task.evaluate(model, loader, device, amp_dtype, gather=D.gather_objects)
     if ema is not None:
-        result.update({f"ema_{k}": v for k, v in task.evaluate(ema.module, loader, device, amp_dtype).items()
-                       if k != "num_samples"})
+        ema_result = task.evaluate(ema.module, loader, device, amp_dtype, gather=D.gather_objects)
+        result.update({f"ema_{k}": v for k, v in ema_result.items() if k != "num_samples"})
     model.train(was_training)
     return result

@@ -1,27 +1,37 @@
-"""``create_model``: a registered variant name (plus overrides) to a built :class:`PIIP`."""
+"""``create_model``: a registered variant name (plus overrides) or a config to a built :class:`PIIP`,
+with its weights. Every model piip builds for training or evaluation goes through here."""
 from __future__ import annotations
 
 import os
 from typing import Mapping
 
+from .config import PIIPConfig
 from .piip import PIIP
 from .registry import get_config
 
-__all__ = ["create_model"]
+__all__ = ["create_model", "check_weight_sources"]
+
+
+def check_weight_sources(pretrained: bool, branch_weights, checkpoint) -> None:
+    """The one precedence rule: a whole checkpoint, or branch initialisation, never both."""
+    if checkpoint is not None and (pretrained or branch_weights):
+        raise ValueError("pass either checkpoint= (a whole trained model) or pretrained/branch_weights "
+                         "(branch initialisation), not both")
 
 
 def create_model(
-    name: str,
+    name: str | PIIPConfig,
     pretrained: bool = False,
     *,
     branch_weights: Mapping[str | int, str | os.PathLike] | None = None,
     checkpoint: str | os.PathLike | None = None,
     **overrides,
 ) -> PIIP:
-    """Build the registered variant ``name``.
+    """Build the registered variant ``name`` (or the network a :class:`PIIPConfig` describes).
 
     Args:
-        name: a registered variant or alias (``piip.list_models()``).
+        name: a registered variant or alias (``piip.list_models()``), or a config (then no
+            ``overrides``).
         pretrained: initialise every branch from the timm weights its config names (the paper's
             weights; hub or local cache). Branches listed in ``branch_weights`` use those files.
         branch_weights: local files per branch, ``{"branch1": "/path/file.safetensors", ...}``
@@ -36,10 +46,15 @@ def create_model(
     Build on the ``meta`` device (``with torch.device("meta"):``) to inspect a 6B-scale variant
     without allocating it.
     """
-    if checkpoint is not None and (pretrained or branch_weights):
-        raise ValueError("pass either checkpoint= (a whole trained model) or pretrained/branch_weights "
-                         "(branch initialisation), not both")
-    model = PIIP(get_config(name, **overrides))
+    check_weight_sources(pretrained, branch_weights, checkpoint)
+    if isinstance(name, PIIPConfig):
+        if overrides:
+            raise ValueError(f"create_model(config) takes no overrides (got {sorted(overrides)}); "
+                             "change the config instead (dataclasses.replace / with_resolutions)")
+        config = name
+    else:
+        config = get_config(name, **overrides)
+    model = PIIP(config)
     if pretrained or branch_weights:
         from ..weights.pretrained import load_branch_weights
 

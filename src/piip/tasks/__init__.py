@@ -1,4 +1,10 @@
-"""Task loops (evaluation) on top of the PIIP models."""
-from .classification import ClassificationMetrics, accuracy_counts, evaluate, evaluate_checkpoint
+"""Tasks on the shared engine: each one's data glue, model, loss, metrics and export.
 
-__all__ = ["ClassificationMetrics", "evaluate", "evaluate_checkpoint", "accuracy_counts"]
+``piip.tasks.base`` defines the protocol and the registry; ``classification`` is the first task.
+"""
+from .base import Task, get_task_class, register_task, task_names
+from .classification import (ClassificationMetrics, ClassificationTask, accuracy_counts, evaluate,
+                             evaluate_checkpoint)
+
+__all__ = ["Task", "get_task_class", "register_task", "task_names", "ClassificationTask",
+           "ClassificationMetrics", "evaluate", "evaluate_checkpoint", "accuracy_counts"]

@@ -1,15 +1,21 @@
-"""Classification evaluation: top-1 / top-5 / per-class accuracy and cross-entropy of a model."""
+"""Classification: the task on the shared engine (data glue, model, loss) and its evaluation
+(top-1 / top-5 / per-class accuracy and cross-entropy)."""
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, default_collate
 
-__all__ = ["ClassificationMetrics", "evaluate", "evaluate_checkpoint", "accuracy_counts"]
+from ..data import DataConfig
+from .base import register_task
+
+__all__ = ["ClassificationTask", "ClassificationMetrics", "evaluate", "evaluate_checkpoint", "accuracy_counts"]
 
 
 @dataclass
@@ -50,12 +56,14 @@ def accuracy_counts(logits: torch.Tensor, targets: torch.Tensor, k: int = 5) -> 
 
 def evaluate(model: nn.Module, loader: Iterable, num_classes: int, device: str | torch.device = "cpu",
              amp_dtype: torch.dtype | None = None, progress: bool = False,
-             classes: Sequence[str] | None = None) -> ClassificationMetrics:
+             classes: Sequence[str] | None = None,
+             gather: Callable[[list], list] | None = None) -> ClassificationMetrics:
     """Evaluate ``model`` (``images -> (B, num_classes)`` logits) on ``loader``'s ``(images, labels)``.
 
     Runs under ``torch.inference_mode()`` with the model in eval mode (its previous mode is
     restored). ``amp_dtype`` (e.g. ``torch.bfloat16``) enables autocast on ``device``'s type; the
-    metrics are computed in float32. ``progress`` shows a rich progress bar.
+    metrics are computed in float32. ``progress`` shows a rich progress bar. ``gather`` combines
+    the counts of every process's shard (the engine passes its all-gather under DDP).
     """
     device = torch.device(device)
     was_training = model.training
@@ -110,6 +118,11 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, device: str |
         if bar is not None:
             bar.stop()
         model.train(was_training)
+    if gather is not None:
+        shards = gather([(correct1, correct5, seen, loss_sum, class_correct, class_count)])
+        correct1, correct5, seen = (sum(x[i] for x in shards) for i in range(3))
+        loss_sum = sum(x[3] for x in shards)
+        class_correct, class_count = sum(x[4] for x in shards), sum(x[5] for x in shards)
     if seen == 0:
         raise ValueError("the loader yielded no samples to evaluate")
     per_class = [100.0 * int(c) / int(n) if n else None for c, n in zip(class_correct, class_count)]
@@ -147,3 +160,74 @@ def evaluate_checkpoint(checkpoint: str, data, *, split: str = "val", batch_size
                         pin_memory=torch.device(device).type == "cuda")
     return evaluate(model, loader, model.config.num_classes, device=device, amp_dtype=amp_dtype,
                     progress=progress, classes=dataset.classes)
+
+
+@register_task
+class ClassificationTask:
+    """Classification: timm Mixup/CutMix, soft-target / label-smoothing cross-entropy, top-1/5."""
+
+    name: ClassVar[str] = "cls"
+    data_config: ClassVar[type] = DataConfig
+    metric: ClassVar[str] = "top1"
+    higher_is_better: ClassVar[bool] = True
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.mixup = None
+        self.num_classes = None
+
+    def build_datasets(self, cfg) -> tuple[Dataset, Dataset | None]:
+        from ..data import build_dataset
+        from ..engine.build import build_model_config
+
+        data = cfg.data
+        if data.image_size is None:  # the model's input size (its finest branch's resolution)
+            data = dataclasses.replace(data, image_size=build_model_config(cfg.model, "cls").input_size)
+        train = build_dataset(data, "train")
+        try:
+            val = build_dataset(data, "val")
+        except (ValueError, FileNotFoundError, KeyError):
+            val = None
+        return train, val
+
+    collate = staticmethod(default_collate)
+
+    def build_model(self, cfg, train_dataset: Dataset) -> nn.Module:
+        from ..engine.build import build_backbone
+
+        classes = getattr(train_dataset, "classes", None)
+        model = build_backbone(cfg.model, "cls", len(classes) if classes is not None else None)
+        self.num_classes = model.config.num_classes
+        aug = cfg.aug
+        if aug.mixup > 0 or aug.cutmix > 0:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob,
+                               switch_prob=aug.mixup_switch_prob, label_smoothing=aug.label_smoothing,
+                               num_classes=self.num_classes)
+        return model
+
+    def loss(self, model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, int]:
+        images, targets = batch
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if self.mixup is not None:
+            images, soft = self.mixup(images, targets)
+            logits = model(images)
+            loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            logits = model(images)
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.aug.label_smoothing)
+        return loss, images.shape[0]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device,
+                 amp_dtype: torch.dtype | None, gather: Callable[[list], list] | None = None) -> dict[str, float]:
+        m = evaluate(model, loader, self.num_classes, device, amp_dtype, gather=gather)
+        return {"top1": float(m.top1), "top5": float(m.top5), "loss": float(m.loss),
+                "num_samples": int(m.num_samples)}
+
+    def export(self, model: nn.Module, path: str) -> str:
+        from ..weights.checkpoint import save_checkpoint
+
+        return save_checkpoint(model, path)

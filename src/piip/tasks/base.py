@@ -1,0 +1,84 @@
+"""The task protocol: what the engine needs from a task, and the registry of tasks.
+
+The training engine (:func:`piip.engine.train`) knows no task. A task supplies its data, its model
+and what a batch costs; the engine owns the loop, the optimiser, distribution, checkpoints and
+logging. Rule of thumb: the engine never says "cls" or "det"; a task never touches DDP,
+checkpoints or the optimiser.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["Task", "register_task", "get_task_class", "task_names"]
+
+
+@runtime_checkable
+class Task(Protocol):
+    """One task (classification, detection, ...) on the shared engine.
+
+    Class attributes:
+        name: the task's name on the command line (``piip train NAME``).
+        data_config: the dataclass of the run config's ``data`` section for this task.
+        metric: the evaluation result that selects the best checkpoint.
+        higher_is_better: whether a larger ``metric`` is better.
+    """
+
+    name: ClassVar[str]
+    data_config: ClassVar[type]
+    metric: ClassVar[str]
+    higher_is_better: ClassVar[bool]
+
+    def build_datasets(self, cfg: Any) -> tuple[Dataset, Dataset | None]:
+        """The training and validation datasets of a run config (validation may be ``None``)."""
+
+    def collate(self, batch: list) -> Any:
+        """Merge a list of dataset items into one batch."""
+
+    # optional: ``batch_groups(dataset) -> list[int]``, a group per sample (e.g. its aspect ratio);
+    # the engine then batches samples of one group together
+
+    def build_model(self, cfg: Any, train_dataset: Dataset) -> nn.Module:
+        """The model to train (weights from ``cfg.model``: pretrained branches or a checkpoint)."""
+
+    def loss(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, int]:
+        """``(scalar loss, images in the batch)`` of one micro-batch."""
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device,
+                 amp_dtype: torch.dtype | None, gather: Callable[[list], list]) -> dict[str, float]:
+        """Metrics on ``loader``, this process's shard of the validation set; ``gather(items)``
+        returns every process's ``items`` (the engine's all-gather), so the task can combine them."""
+
+    def export(self, model: nn.Module, path: str) -> str:
+        """Write the trained model as a self-describing piip checkpoint; returns the path."""
+
+
+_TASKS: dict[str, type] = {}
+
+
+def register_task(cls: type) -> type:
+    """Class decorator: make a task available by its ``name``."""
+    if cls.name in _TASKS and _TASKS[cls.name] is not cls:
+        raise ValueError(f"task {cls.name!r} registered twice")
+    _TASKS[cls.name] = cls
+    return cls
+
+
+def _ensure_loaded() -> None:
+    from . import classification  # noqa: F401  (register on import)
+
+
+def task_names() -> list[str]:
+    _ensure_loaded()
+    return sorted(_TASKS)
+
+
+def get_task_class(name: str) -> type:
+    """The task class registered under ``name`` (``"cls"``, ``"det"``, ...)."""
+    _ensure_loaded()
+    if name not in _TASKS:
+        raise ValueError(f"unknown task {name!r}; tasks are {sorted(_TASKS)}")
+    return _TASKS[name]
