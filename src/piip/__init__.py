@@ -2,9 +2,10 @@
 from .models import (PIIP, BranchConfig, InteractionConfig, PIIPConfig, create_model, get_config,
                      list_models)
 
+from .tasks.predict import predict
 from .weights.checkpoint import load_checkpoint as load, save_checkpoint as save
 
 __version__ = "0.1.0"
 
 __all__ = ["PIIP", "PIIPConfig", "BranchConfig", "InteractionConfig", "create_model", "get_config",
-           "list_models", "load", "save", "__version__"]
+           "list_models", "load", "save", "predict", "__version__"]

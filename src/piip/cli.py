@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 
@@ -180,6 +181,65 @@ def _cmd_eval_cls(args: argparse.Namespace) -> None:
     console.print(table)
 
 
+def _cmd_eval_det(args: argparse.Namespace) -> None:
+    import torch
+
+    from .data.coco import DetectionDataConfig
+    from .tasks.detection import evaluate_checkpoint
+
+    data = DetectionDataConfig(root=args.data, val_split=args.split, val_ann=args.ann_file,
+                               val_images=args.images, limit=args.limit)
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                   f"eval_{os.path.basename(args.split)}")
+    metrics = evaluate_checkpoint(args.checkpoint, data, batch_size=args.batch_size, workers=args.workers,
+                                  device=args.device, amp_dtype=amp, save_to=out,
+                                  progress=not args.json and console.is_terminal)
+    if args.json:
+        print(json.dumps({"checkpoint": args.checkpoint, "data": args.data, "split": args.split, "out": out,
+                          **metrics}))
+        return
+    table = Table(title=f"{args.checkpoint} on {args.data} {args.split} ({metrics['num_images']} images)")
+    for column in ("", "AP", "AP50", "AP75", "APs", "APm", "APl"):
+        table.add_column(column, justify="right")
+    for kind in ("bbox", "segm"):
+        if f"{kind}_AP" in metrics:
+            table.add_row(kind, *(f"{metrics[f'{kind}_{m}']:.1f}" for m in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
+    console.print(table)
+    if metrics["skipped"]:
+        console.print(f"[yellow]left out {metrics['skipped']} unreadable images[/]")
+    console.print(f"detections (COCO results format) and metrics in {out}")
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from .tasks.predict import predict_files
+
+    result = predict_files(args.checkpoint, args.inputs, args.out, score_threshold=args.score_threshold,
+                           device=args.device)
+    if args.json:
+        print(json.dumps(result["predictions"]))
+        return
+    for path, pred in result["predictions"].items():
+        if "top" in pred:
+            top = ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in pred["top"])
+            console.print(f"{path}: {top}")
+        else:
+            found = ", ".join(f"{c} {s:.2f}" for c, s in zip(pred["classes"], pred["scores"])) or "nothing"
+            console.print(f"{path}: {found}")
+    console.print(f"wrote {result['json']}" + (f" and {len(result['images'])} drawn images to {args.out}"
+                                               if result["images"] else ""))
+
+
+def _cmd_data_scenes(args: argparse.Namespace) -> None:
+    from .data.scenes import generate_scenes
+
+    paths = generate_scenes(args.out, train_images=args.train, val_images=args.val, seed=args.seed,
+                            fashion_mnist_root=args.fashion_mnist, progress=console.is_terminal)
+    console.print(f"[green]wrote[/] {args.train} training and {args.val} validation scenes: "
+                  f"{paths['train']}, {paths['val']} (COCO format; data.root={args.out} "
+                  "data.train_split=train data.val_split=val)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .tasks.base import task_names
 
@@ -256,6 +316,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_eval_cls)
+    p = tasks.add_parser("det", help="detection: COCO box and mask AP")
+    p.add_argument("--checkpoint", required=True, help="a piip detector checkpoint (.safetensors)")
+    p.add_argument("--data", help="a COCO-style root: annotations/instances_<split>.json and <split>/")
+    p.add_argument("--split", default="val2017", help="split name under --data (default val2017)")
+    p.add_argument("--ann-file", help="the annotation JSON (instead of the --data layout)")
+    p.add_argument("--images", help="the image folder (instead of the --data layout)")
+    p.add_argument("--out", help="folder for detections.json and metrics.json (default: beside the checkpoint)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_eval_det)
+
+    p = sub.add_parser("data", help="make datasets")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    p = kinds.add_parser("scenes", help="Fashion-MNIST items at every scale on real photographs (COCO format)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--train", type=int, default=800, help="training scenes (items from Fashion-MNIST train)")
+    p.add_argument("--val", type=int, default=200, help="validation scenes (items from Fashion-MNIST test)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fashion-mnist", help="folder of the Fashion-MNIST IDX files (default: the Debian package's)")
+    p.set_defaults(func=_cmd_data_scenes)
+
+    p = sub.add_parser("predict", help="run a checkpoint on images: drawn detections / top-5 classes + JSON")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--checkpoint", required=True, help="a piip detector or classifier checkpoint")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="detections below are not shown")
+    p.add_argument("--out", default="predictions", help="output folder (drawn images, predictions.json)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print the predictions as one JSON object")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("train", help="train (torchrun --nproc_per_node=N -m piip train ... for DDP)")
     p.add_argument("task", choices=task_names(), help="the task (cls: classification, det: detection)")

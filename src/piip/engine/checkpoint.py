@@ -13,50 +13,18 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from ..weights.io import atomic_write as _atomic_write
+
 __all__ = ["atomic_torch_save", "atomic_write_text", "save_training_checkpoint", "latest_checkpoint",
            "load_training_checkpoint", "rng_state", "set_rng_state"]
 
 _STEP_RE = re.compile(r"^step-(\d+)\.pt$")
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str | os.PathLike, mode: str, write: Callable[[Any], None]) -> Path:
-    """Write ``path`` atomically: a tmp file in the same folder, fsync, ``os.replace``, fsync the
-    folder. A crash at any point leaves either the old file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:

@@ -191,7 +191,8 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
     train_model: nn.Module = model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=getattr(task, "find_unused_parameters", False))
     if cfg.run.compile:
         train_model = torch.compile(train_model)
 
@@ -309,7 +310,8 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
             del batches
             due = cfg.run.eval_every and epoch % cfg.run.eval_every == 0
             if val_dataset is not None and (due or epoch == o.epochs):
-                last_eval = _evaluate(task, model, ema, val_dataset, micro, device, amp_dtype, cfg)
+                last_eval = _evaluate(task, model, ema, val_dataset, micro, device, amp_dtype, cfg,
+                                      out_dir / "eval" if main else None)
                 log({"kind": "eval", "step": step, "epoch": epoch, "train_time_s": train_time, **last_eval})
                 score = last_eval.get(task.metric)
                 better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
@@ -341,13 +343,15 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
     return summary
 
 
-def _evaluate(task, model, ema, dataset, batch, device, amp_dtype, cfg) -> dict:
-    """The task's evaluation, every rank on its own shard; the task gathers through ``D.gather_objects``."""
+def _evaluate(task, model, ema, dataset, batch, device, amp_dtype, cfg, save_to: Path | None) -> dict:
+    """The task's evaluation, every rank on its own shard; the task gathers through ``D.gather_objects``
+    and writes its files (predictions) to ``save_to`` on the main process."""
     gen = torch.Generator().manual_seed(0)  # keep the global RNG untouched
     loader = DataLoader(dataset, batch_size=batch, sampler=ShardSampler(len(dataset), D.rank(), D.world_size()),
                         num_workers=cfg.run.num_workers, collate_fn=task.collate, generator=gen)
     was_training = model.training
-    result = task.evaluate(model, loader, device, amp_dtype, gather=D.gather_objects)
+    result = task.evaluate(model, loader, device, amp_dtype, gather=D.gather_objects,
+                           save_to=str(save_to) if save_to is not None else None)
     if ema is not None:
         ema_result = task.evaluate(ema.module, loader, device, amp_dtype, gather=D.gather_objects)
         result.update({f"ema_{k}": v for k, v in ema_result.items() if k != "num_samples"})

@@ -45,27 +45,38 @@ class BranchMerge(nn.Module):
 
 
 class SimpleFeaturePyramid(nn.Module):
-    """ViTDet-style pyramid from one stride-16 map: strides 4, 8, 16, 32, all ``dim`` channels.
+    """ViTDet-style pyramid from one map at stride ``input_stride`` (the patch size): strides 4, 8,
+    16, 32, all ``dim`` channels.
 
-    ``levels`` chooses the stages built and returned (``0..3`` = strides 4/8/16/32). Returns an
-    ``OrderedDict`` keyed by level (``"0".."3"``, finest first), the names torchvision's detection
-    heads (``MultiScaleRoIAlign``) expect by default.
+    A finer level is reached by 2x transposed convolutions (``ConvT`` for one octave, ``ConvT ->
+    norm -> GELU -> ConvT`` for two: ViTDet's ``fpn2`` and ``fpn1`` from a stride-16 map), the
+    input's own stride is the identity and coarser levels are max-pooled (``fpn4`` = MaxPool(2) at
+    stride 32). ``levels`` chooses the stages built and returned (``0..3`` = strides 4/8/16/32).
+    Returns an ``OrderedDict`` keyed by level (``"0".."3"``, finest first), the names
+    torchvision's detection heads (``MultiScaleRoIAlign``) expect by default.
     """
 
-    def __init__(self, dim: int, norm: str = "groupnorm", levels: tuple[int, ...] = (0, 1, 2, 3)):
+    def __init__(self, dim: int, norm: str = "groupnorm", levels: tuple[int, ...] = (0, 1, 2, 3),
+                 input_stride: int = 16):
         super().__init__()
+        if input_stride < 1 or input_stride & (input_stride - 1):
+            raise ValueError(f"the simple feature pyramid needs a power-of-two input stride (patch size), "
+                             f"got {input_stride}")
         self.levels = tuple(levels)
         self.strides = tuple(4 * 2 ** level for level in self.levels)
-        if 0 in self.levels:
-            norm_layer = nn.GroupNorm(32, dim) if norm == "groupnorm" else LayerNorm2d(dim, eps=1e-6)
-            self.fpn1 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, stride=2), norm_layer, nn.GELU(),
-                                      nn.ConvTranspose2d(dim, dim, 2, stride=2))
-        if 1 in self.levels:
-            self.fpn2 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, stride=2))
-        if 2 in self.levels:
-            self.fpn3 = nn.Identity()
-        if 3 in self.levels:
-            self.fpn4 = nn.MaxPool2d(kernel_size=2, stride=2)
+        for level, stride in zip(self.levels, self.strides):
+            if stride < input_stride:
+                ups = input_stride.bit_length() - stride.bit_length()
+                layers: list[nn.Module] = [nn.ConvTranspose2d(dim, dim, 2, stride=2)]
+                for _ in range(ups - 1):
+                    norm_layer = nn.GroupNorm(32, dim) if norm == "groupnorm" else LayerNorm2d(dim, eps=1e-6)
+                    layers += [norm_layer, nn.GELU(), nn.ConvTranspose2d(dim, dim, 2, stride=2)]
+                stage: nn.Module = nn.Sequential(*layers)
+            elif stride == input_stride:
+                stage = nn.Identity()
+            else:
+                stage = nn.MaxPool2d(kernel_size=stride // input_stride, stride=stride // input_stride)
+            setattr(self, f"fpn{level + 1}", stage)
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         return OrderedDict((str(level), getattr(self, f"fpn{level + 1}")(x)) for level in self.levels)

@@ -70,7 +70,8 @@ class PIIP(nn.Module):
         self.merge = self.fpn = self.classifier = None
         if config.task == "det":
             self.merge = BranchMerge(dims) if len(dims) > 1 else None
-            self.fpn = SimpleFeaturePyramid(dims[0], norm=config.fpn_norm, levels=config.fpn_levels)
+            self.fpn = SimpleFeaturePyramid(dims[0], norm=config.fpn_norm, levels=config.fpn_levels,
+                                            input_stride=config.patch_size)
         elif config.cls_head == "merged":
             self.classifier = MergedClassifier(dims, config.num_classes)
         for module in (self.interactions, self.merge, self.fpn, self.classifier):

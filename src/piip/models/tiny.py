@@ -6,6 +6,10 @@ each, patch 4, stored position grid 7x7 (a "pretraining" resolution of 28 pixels
 As in PIIP-TSB (T@1120, S@896, B@448 = 1 : 0.8 : 0.4), the biggest model sees the smallest image:
 ``piip_fmnist_tsb`` runs T@28, S@20, B@12 with two interactions.
 
+With ``task="det"`` (dense maps for detection and segmentation) the branches use the paper's window
+layouts: window 14 in every block of PIIP's branches, ViTDet's window 14 with every third block
+global in the single ViTs.
+
 ``vit_fmnist_t`` / ``_s`` / ``_b`` are the branches as single-branch ViTs at 28 pixels: the
 baselines (``vit_fmnist_b`` at the finest resolution is the paper's "ViT-B at high resolution"
 comparison) and the "pretrained" models whose weights initialise PIIP's branches
@@ -26,14 +30,22 @@ _PATCH = 4
 _NATIVE = 28
 
 
-def tiny_branch(size: str, resolution: int = _NATIVE, interactions: int = 0) -> BranchConfig:
-    """A T/S/B tiny ViT branch at ``resolution`` with ``interactions`` even block groups."""
+def tiny_branch(size: str, resolution: int = _NATIVE, interactions: int = 0, **layout) -> BranchConfig:
+    """A T/S/B tiny ViT branch at ``resolution`` with ``interactions`` even block groups (``layout``:
+    window settings)."""
     dim, heads = TINY_BRANCHES[size]
     return BranchConfig(
         embed_dim=dim, depth=_DEPTH, num_heads=heads, resolution=resolution, patch_size=_PATCH,
         pretrain_img_size=_NATIVE, pretrain_patch_size=_PATCH,
         init_values=None,  # no layer scale: DeiT v1 style, and ~15% faster training at this size
-        interaction_indexes=even_interaction_indexes(_DEPTH, interactions) if interactions else ())
+        interaction_indexes=even_interaction_indexes(_DEPTH, interactions) if interactions else (), **layout)
+
+
+#: Dense (detection) layouts, as the paper's: at a 256-pixel input the finest tiny branch has a 64x64
+#: token grid, the grid of a 1024-pixel image at patch 16, so the windows are the paper's 14 tokens.
+#: PIIP branches window every block (PIIP-TSB); the single ViT makes every third block global (ViTDet).
+_PIIP_WINDOWS = dict(window_size=14, window_block_indexes=tuple(range(_DEPTH)))
+_VITDET_WINDOWS = dict(window_size=14, window_block_indexes=tuple(i for i in range(_DEPTH) if i % 3 != 2))
 
 
 def _tiny(name: str, task: str, branches: list[BranchConfig], **fields) -> PIIPConfig:
@@ -48,7 +60,8 @@ def _register_vit(size: str) -> None:
                       description=f"tiny ViT-{size.upper()} ({dim} wide, 4 blocks, patch 4) @28: a "
                                   "baseline / branch pretraining model for Fashion-MNIST")
     def variant(task: str) -> PIIPConfig:
-        return _tiny(f"vit_fmnist_{size}", task, [tiny_branch(size)])
+        layout = _VITDET_WINDOWS if task == "det" else {}
+        return _tiny(f"vit_fmnist_{size}", task, [tiny_branch(size, **layout)])
 
 
 for _size in TINY_BRANCHES:
@@ -59,6 +72,8 @@ for _size in TINY_BRANCHES:
                   description="tiny PIIP-TSB for 28-pixel images: T@28, S@20, B@12 (32/64/128 wide), "
                               "2 interactions; the Fashion-MNIST demonstration")
 def piip_fmnist_tsb(task: str) -> PIIPConfig:
-    branches = [tiny_branch("b", 12, 2), tiny_branch("s", 20, 2), tiny_branch("t", 28, 2)]
+    layout = _PIIP_WINDOWS if task == "det" else {}
+    branches = [tiny_branch("b", 12, 2, **layout), tiny_branch("s", 20, 2, **layout),
+                tiny_branch("t", 28, 2, **layout)]
     interaction = InteractionConfig(num_heads=4, drop_path_rate=0.0)
     return _tiny("piip_fmnist_tsb", task, branches, interaction=interaction)

@@ -1,10 +1,13 @@
 """Tasks on the shared engine: each one's data glue, model, loss, metrics and export.
 
-``piip.tasks.base`` defines the protocol and the registry; ``classification`` is the first task.
+``piip.tasks.base`` defines the protocol and the registry; ``classification`` and ``detection``
+are the tasks.
 """
 from .base import Task, get_task_class, register_task, task_names
 from .classification import (ClassificationMetrics, ClassificationTask, accuracy_counts, evaluate,
                              evaluate_checkpoint)
+from .detection import DetectionTask, build_detector
 
-__all__ = ["Task", "get_task_class", "register_task", "task_names", "ClassificationTask",
+__all__ = ["Task", "get_task_class", "register_task", "task_names", "ClassificationTask", "DetectionTask",
+           "build_detector",
            "ClassificationMetrics", "evaluate", "evaluate_checkpoint", "accuracy_counts"]

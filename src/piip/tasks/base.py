@@ -38,8 +38,9 @@ class Task(Protocol):
     def collate(self, batch: list) -> Any:
         """Merge a list of dataset items into one batch."""
 
-    # optional: ``batch_groups(dataset) -> list[int]``, a group per sample (e.g. its aspect ratio);
-    # the engine then batches samples of one group together
+    # optional: ``batch_groups(dataset) -> list[int]``, a group per sample (e.g. its aspect ratio),
+    # which the engine then batches together; ``find_unused_parameters = True`` when some
+    # parameters may get no gradient in a step (DDP must be told)
 
     def build_model(self, cfg: Any, train_dataset: Dataset) -> nn.Module:
         """The model to train (weights from ``cfg.model``: pretrained branches or a checkpoint)."""
@@ -48,9 +49,11 @@ class Task(Protocol):
         """``(scalar loss, images in the batch)`` of one micro-batch."""
 
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device,
-                 amp_dtype: torch.dtype | None, gather: Callable[[list], list]) -> dict[str, float]:
+                 amp_dtype: torch.dtype | None, gather: Callable[[list], list],
+                 save_to: str | None = None) -> dict[str, float]:
         """Metrics on ``loader``, this process's shard of the validation set; ``gather(items)``
-        returns every process's ``items`` (the engine's all-gather), so the task can combine them."""
+        returns every process's ``items`` (the engine's all-gather), so the task can combine them.
+        ``save_to``: a folder for the evaluation's files (predictions), given to one process only."""
 
     def export(self, model: nn.Module, path: str) -> str:
         """Write the trained model as a self-describing piip checkpoint; returns the path."""
@@ -68,7 +71,7 @@ def register_task(cls: type) -> type:
 
 
 def _ensure_loaded() -> None:
-    from . import classification  # noqa: F401  (register on import)
+    from . import classification, detection  # noqa: F401  (register on import)
 
 
 def task_names() -> list[str]:

@@ -175,6 +175,7 @@ class ClassificationTask:
         self.cfg = cfg
         self.mixup = None
         self.num_classes = None
+        self.class_names = None
 
     def build_datasets(self, cfg) -> tuple[Dataset, Dataset | None]:
         from ..data import build_dataset
@@ -196,6 +197,7 @@ class ClassificationTask:
         from ..engine.build import build_backbone
 
         classes = getattr(train_dataset, "classes", None)
+        self.class_names = list(classes) if classes is not None else None
         model = build_backbone(cfg.model, "cls", len(classes) if classes is not None else None)
         self.num_classes = model.config.num_classes
         aug = cfg.aug
@@ -222,12 +224,17 @@ class ClassificationTask:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device,
-                 amp_dtype: torch.dtype | None, gather: Callable[[list], list] | None = None) -> dict[str, float]:
+                 amp_dtype: torch.dtype | None, gather: Callable[[list], list] | None = None,
+                 save_to: str | None = None) -> dict[str, float]:
         m = evaluate(model, loader, self.num_classes, device, amp_dtype, gather=gather)
         return {"top1": float(m.top1), "top5": float(m.top5), "loss": float(m.loss),
                 "num_samples": int(m.num_samples)}
 
     def export(self, model: nn.Module, path: str) -> str:
+        """The classifier, with its class names in the header (``piip predict`` shows them)."""
+        import json
+
         from ..weights.checkpoint import save_checkpoint
 
-        return save_checkpoint(model, path)
+        names = {"class_names": json.dumps(self.class_names)} if self.class_names else None
+        return save_checkpoint(model, path, metadata=names)

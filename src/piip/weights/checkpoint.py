@@ -7,11 +7,13 @@ Layout of a file written by :func:`save_checkpoint`:
   top-level prefixes (``neck.``, ``rpn_head.``, ``roi_head.`` ... kept from an MMDetection
   checkpoint for the detection heads);
 * metadata (safetensors' string-to-string header): ``format = "piip"``, ``format_version``,
-  ``piip_version``, ``config`` (the :class:`~piip.models.config.PIIPConfig` as JSON),
-  ``extra_prefixes`` (JSON list) and any caller-supplied provenance strings.
+  ``piip_version``, ``model`` (the kind of model: ``"piip"`` for a backbone or classifier,
+  ``"detector"``, ...), ``config`` (that model's config as JSON: a
+  :class:`~piip.models.config.PIIPConfig`, a detector's config holding its backbone's, ...),
+  ``extra_prefixes`` (JSON list) and any caller-supplied provenance strings. Files of format
+  version 1 (no ``model`` key) hold a PIIP.
 
-:func:`load_checkpoint` rebuilds the :class:`~piip.models.piip.PIIP` from the stored config and loads
-it strictly. Errors say what is wrong: an unreadable (corrupt or truncated) file, a file that is not
+:func:`load_checkpoint` rebuilds the model from the stored config and loads it strictly. Errors say what is wrong: an unreadable (corrupt or truncated) file, a file that is not
 a piip checkpoint, a checkpoint of another variant (the first key whose shape differs, with both
 shapes), and missing or unexpected keys (listed, never silently dropped).
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -35,14 +37,33 @@ __all__ = [
     "read_checkpoint",
     "check_state_dict",
     "describe_problems",
+    "register_model_kind",
     "load_state_dict_checked",
     "FORMAT_NAME",
     "FORMAT_VERSION",
 ]
 
 FORMAT_NAME = "piip"
-FORMAT_VERSION = "1"
-_RESERVED_META = ("format", "format_version", "piip_version", "config", "extra_prefixes")
+FORMAT_VERSION = "2"
+_RESERVED_META = ("format", "format_version", "piip_version", "model", "config", "extra_prefixes")
+
+#: model kind -> (config class, builder from the config); tasks register their models here
+_MODEL_KINDS: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {"piip": (PIIPConfig, PIIP)}
+
+
+def register_model_kind(kind: str, config_class: type, builder: Callable[[Any], nn.Module]) -> None:
+    """Let checkpoints of another kind of model (a task's: ``"detector"``, ...) be saved and rebuilt."""
+    _MODEL_KINDS[kind] = (config_class, builder)
+
+
+def _model_kinds() -> dict[str, tuple[type, Callable[[Any], nn.Module]]]:
+    from .. import tasks  # noqa: F401  (the tasks register their model kinds on import)
+
+    return _MODEL_KINDS
+
+
+def _kind_of(config: Any) -> str | None:
+    return next((k for k, (cls, _) in _model_kinds().items() if type(config) is cls), None)
 
 
 class CheckpointError(ValueError):
@@ -162,12 +183,14 @@ def _contiguous_unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
-def save_checkpoint(model: PIIP, path: str | os.PathLike, extra: Mapping[str, Any] | None = None,
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, extra: Mapping[str, Any] | None = None,
                     metadata: Mapping[str, str] | None = None) -> str:
-    """Write ``model`` (its config and weights) and optional ``extra`` tensors to a safetensors file.
+    """Write ``model`` (its config and weights) and optional ``extra`` tensors to a safetensors file,
+    atomically.
 
     Args:
-        model: a :class:`PIIP` (anything with a ``config`` attribute of type :class:`PIIPConfig`).
+        model: a :class:`PIIP` or another registered kind of piip model (a detector, ...): anything
+            whose ``config`` is a registered model config.
         path: output file (conventionally ``*.safetensors``).
         extra: tensors kept next to the model under their own prefixes, either nested
             (``{"neck": {name: tensor}}``) or flat (``{"neck.name": tensor}``). A prefix must not
@@ -179,8 +202,10 @@ def save_checkpoint(model: PIIP, path: str | os.PathLike, extra: Mapping[str, An
     from safetensors.torch import save_file
 
     config = getattr(model, "config", None)
-    if not isinstance(config, PIIPConfig):
-        raise TypeError(f"save_checkpoint needs a PIIP model with a PIIPConfig, got {type(model).__name__}")
+    kind = _kind_of(config)
+    if kind is None:
+        raise TypeError(f"save_checkpoint needs a piip model with its config (a PIIP, a detector, ...), got "
+                        f"{type(model).__name__} with config {type(config).__name__}")
     state = dict(model.state_dict())
     extra_flat = _flatten_extra(extra)
     extra_prefixes = sorted({k.split(".", 1)[0] for k in extra_flat})
@@ -197,27 +222,24 @@ def save_checkpoint(model: PIIP, path: str | os.PathLike, extra: Mapping[str, An
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "piip_version": __version__,
+        "model": kind,
         "config": config.to_json(),
         "extra_prefixes": json.dumps(extra_prefixes),
     })
+    from .io import atomic_path
+
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = path + ".tmp"
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
 def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a piip checkpoint without building the model.
 
-    Returns a dict with ``config`` (:class:`PIIPConfig`), ``state_dict`` (the model tensors),
-    ``extra`` (``{prefix: {name: tensor}}``) and ``metadata`` (the raw header strings).
+    Returns a dict with ``kind`` (``"piip"``, ``"detector"``, ...), ``config`` (that model's
+    config), ``state_dict`` (the model tensors), ``extra`` (``{prefix: {name: tensor}}``) and
+    ``metadata`` (the raw header strings).
     """
     from safetensors import safe_open
 
@@ -238,8 +260,13 @@ def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
             f"{path!r} is a safetensors file but not a piip checkpoint (no 'format: piip' and "
             "'config' in its metadata); convert the authors' checkpoints with "
             "piip.compat.original.convert_checkpoint or save with piip.weights.save_checkpoint")
+    kind = metadata.get("model", "piip")
+    kinds = _model_kinds()
+    if kind not in kinds:
+        raise CheckpointError(f"{path!r} holds a model of kind {kind!r}, which this piip does not know "
+                              f"(known: {sorted(kinds)}); it was written by piip {metadata.get('piip_version')}")
     try:
-        config = PIIPConfig.from_dict(json.loads(metadata["config"]))
+        config = kinds[kind][0].from_dict(json.loads(metadata["config"]))
     except Exception as err:
         raise CheckpointError(f"{path!r} holds an invalid piip config: {err}") from err
     extra_prefixes = set(json.loads(metadata.get("extra_prefixes", "[]")))
@@ -250,15 +277,15 @@ def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
             extra.setdefault(prefix, {})[rest] = tensor
         else:
             state[key] = tensor
-    return {"config": config, "state_dict": state, "extra": extra, "metadata": metadata}
+    return {"kind": kind, "config": config, "state_dict": state, "extra": extra, "metadata": metadata}
 
 
-def load_checkpoint(path: str | os.PathLike, model: PIIP | None = None, *,
+def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, *,
                     device: str | torch.device = "cpu", return_extra: bool = False):
-    """Load a piip checkpoint.
+    """Load a piip checkpoint: a backbone or classifier (:class:`PIIP`), a detector, ...
 
     Args:
-        path: a file written by :func:`save_checkpoint` (or ``piip convert``).
+        path: a file written by :func:`save_checkpoint` (or ``piip convert``, ``piip train``).
         model: load into this model instead of building one from the stored config; the shapes
             must match (the error names the first mismatching key and both shapes).
         device: where the tensors are read to.
@@ -268,7 +295,7 @@ def load_checkpoint(path: str | os.PathLike, model: PIIP | None = None, *,
     """
     data = read_checkpoint(path, device=device)
     if model is None:
-        model = PIIP(data["config"])
+        model = _model_kinds()[data["kind"]][1](data["config"])
         model.to(device)
     load_state_dict_checked(model, data["state_dict"], what=f"checkpoint {os.fspath(path)!r}")
     model.eval()

@@ -1,4 +1,4 @@
-"""Reading checkpoint files safely: one reader for every ``torch.save`` file piip opens.
+"""Checkpoint files: one safe reader for every ``torch.save`` file piip opens, and one atomic writer.
 
 ``torch.load(weights_only=True)`` is tried first. Files that also hold Python objects (mmcv configs,
 ``argparse.Namespace`` training args, numpy scalars: what the authors' and most research
@@ -9,17 +9,21 @@ inside the usual containers.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import tempfile
 import types
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 
 from .checkpoint import CheckpointError
 
-__all__ = ["OpaqueObject", "read_torch_file", "unwrap_state_dict", "STATE_DICT_CONTAINERS"]
+__all__ = ["OpaqueObject", "read_torch_file", "unwrap_state_dict", "STATE_DICT_CONTAINERS", "atomic_path",
+           "atomic_write"]
 
 #: Keys under which checkpoints nest their state dict, in the order they are looked for:
 #: MMDetection/MMSegmentation (``state_dict``), DeepSpeed (``module``), DeiT-style trainers
@@ -149,3 +153,45 @@ def unwrap_state_dict(obj: Any, *, use_ema: bool = False) -> tuple[dict[str, tor
     if non_tensor:
         meta["non_tensor_keys"] = non_tensor
     return tensors, meta
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path beside ``path`` to write the file to; on success it is fsync'ed and
+    renamed over ``path`` (``os.replace``, atomic on POSIX and Windows) and the folder is fsync'ed.
+    A crash at any point leaves either the old file or the new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write(path: str | os.PathLike, mode: str, write: Callable[[Any], None]) -> Path:
+    """Write ``path`` atomically through ``write(file)`` (``mode`` ``"wb"`` or ``"w"``)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode) as f:
+            write(f)
+    return Path(path)

@@ -1,0 +1,97 @@
+"""Detection on the shared engine: COCO-format data, a torchvision detector around the run's piip
+backbone, the detector's own losses, COCO AP for checkpoint selection."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ...data.coco import CocoDetection, DetectionDataConfig, build_coco_dataset, collate_detection
+from ..base import register_task
+from .evaluation import check_classes, evaluate_detector
+from .model import DetectorConfig, PIIPDetector, build_detector
+
+__all__ = ["DetectionTask", "head_settings"]
+
+#: DetectorConfig fields that come from the data or the backbone, not from ``model.head``
+_DERIVED = ("backbone", "num_classes", "class_names", "category_ids")
+
+
+def head_settings(head: dict[str, Any]) -> dict[str, Any]:
+    """``model.head`` of a run, checked against :class:`DetectorConfig`'s fields."""
+    allowed = sorted(f.name for f in dataclasses.fields(DetectorConfig) if f.name not in _DERIVED)
+    unknown = sorted(set(head) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown detector setting(s) model.head.{unknown}; detector settings are {allowed}")
+    return dict(head)
+
+
+@register_task
+class DetectionTask:
+    """Object detection / instance segmentation (Mask R-CNN, or Faster R-CNN with ``masks: false``)."""
+
+    name: ClassVar[str] = "det"
+    data_config: ClassVar[type] = DetectionDataConfig
+    metric: ClassVar[str] = "bbox_AP"
+    higher_is_better: ClassVar[bool] = True
+    #: a batch without positive proposals leaves the mask head unused: DDP must allow that
+    find_unused_parameters: ClassVar[bool] = True
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.head = head_settings(cfg.model.head)
+
+    def build_datasets(self, cfg) -> tuple[Dataset, Dataset | None]:
+        masks = self.head.get("masks", True)
+        train = build_coco_dataset(cfg.data, "train", masks=masks)
+        try:
+            val = build_coco_dataset(cfg.data, "val", masks=False)
+        except (FileNotFoundError, ValueError) as err:
+            if cfg.data.val_ann is not None or cfg.data.val_images is not None:
+                raise
+            import warnings
+
+            warnings.warn(f"no validation split ({err}); training without evaluation", RuntimeWarning, stacklevel=2)
+            val = None
+        return train, val
+
+    collate = staticmethod(collate_detection)
+
+    @staticmethod
+    def batch_groups(dataset: CocoDetection) -> list[int]:
+        return dataset.aspect_groups()
+
+    def build_model(self, cfg, train_dataset: CocoDetection) -> nn.Module:
+        from ...engine.build import build_backbone
+        from ...models.factory import check_weight_sources
+        from ...weights.checkpoint import load_checkpoint, read_checkpoint
+
+        m = cfg.model
+        check_weight_sources(m.pretrained, m.branch_weights, m.checkpoint)
+        if m.checkpoint is not None and read_checkpoint(m.checkpoint)["kind"] == "detector":
+            model = load_checkpoint(m.checkpoint)  # fine-tune a whole detector
+            check_classes(model.config, train_dataset)
+            return model.train()
+        backbone = build_backbone(m, "det")
+        return build_detector(backbone, len(train_dataset.classes), class_names=train_dataset.classes,
+                              category_ids=train_dataset.category_ids, **self.head)
+
+    def loss(self, model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, int]:
+        images, targets = batch
+        images = [im.to(device, non_blocking=True) for im in images]
+        targets = [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+                   for t in targets]
+        losses = model(images, targets)
+        return sum(losses.values()), len(images)
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None,
+                 gather: Callable[[list], list] | None = None, save_to: str | None = None) -> dict[str, float]:
+        return evaluate_detector(model, loader, device, amp_dtype, gather=gather, save_to=save_to)
+
+    def export(self, model: PIIPDetector, path: str) -> str:
+        from ...weights.checkpoint import save_checkpoint
+
+        return save_checkpoint(model, path)
