@@ -284,12 +284,15 @@ class _MMCVConfigLike(dict):
 
 
 def _heads(dim: int) -> dict[str, torch.Tensor]:
+    """DINO-style neck/head tensors (ChannelMapper + ``bbox_head``): not a Mask R-CNN, so the
+    converter keeps them, bit for bit, under their prefixes (Mask R-CNN files become detectors:
+    tests/test_detection.py)."""
     g = torch.Generator().manual_seed(0)
     return {
-        "neck.lateral_convs.0.conv.weight": torch.randn(256, dim, 1, 1, generator=g),
-        "neck.lateral_convs.0.conv.bias": torch.randn(256, generator=g),
-        "rpn_head.rpn_conv.weight": torch.randn(256, 256, 3, 3, generator=g),
-        "roi_head.bbox_head.fc_cls.weight": torch.randn(81, 1024, generator=g),
+        "neck.convs.0.conv.weight": torch.randn(256, dim, 1, 1, generator=g),
+        "neck.convs.0.gn.bias": torch.randn(256, generator=g),
+        "bbox_head.cls_branches.0.weight": torch.randn(80, 256, generator=g),
+        "bbox_head.reg_branches.0.0.weight": torch.randn(256, 256, generator=g),
     }
 
 
@@ -379,7 +382,7 @@ def test_deepspeed_checkpoint_directory(tmp_path):
     (tmp_path / "latest").write_text("global_step1000\n")
     backbone, extra, meta = original.load_original_checkpoint(tmp_path)
     assert backbone.keys() == fx.state_dict.keys() and meta["layout"] == "deepspeed"
-    assert set(extra) == {"neck", "rpn_head", "roi_head"}
+    assert set(extra) == {"neck", "bbox_head"}
 
 
 def test_load_original_checkpoint_splits_prefixes():
@@ -387,7 +390,7 @@ def test_load_original_checkpoint_splits_prefixes():
     ckpt, extras = _wrap(fx, "mmdet")
     backbone, extra, meta = original.load_original_checkpoint(ckpt)
     assert backbone.keys() == fx.state_dict.keys()
-    assert set(extra) == {"neck", "rpn_head", "roi_head"}
+    assert set(extra) == {"neck", "bbox_head"}
     assert meta["layout"] == "mmdet"
 
 

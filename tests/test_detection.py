@@ -3,6 +3,7 @@ the command line and prediction."""
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 import os
 import socket
 import warnings
@@ -440,3 +441,149 @@ def test_two_process_ddp_detector_step_equals_one_process(tmp_path):
     assert a["world_size"] == 2 and a["step"] == b["step"] == 1
     for key, value in b["model"].items():
         torch.testing.assert_close(a["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+# -- the authors' Mask R-CNN heads -------------------------------------------------------------------
+
+def mmdet_heads(d1: int, classes: int, fpn: int = 32, fc: int = 64, mask: int = 32, seed: int = 0) -> dict:
+    """Random tensors under MMDetection 2.x's Mask R-CNN neck/head names and shapes."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {}
+    for i in range(4):
+        shapes[f"neck.lateral_convs.{i}.conv"] = (fpn, d1, 1, 1)
+        shapes[f"neck.fpn_convs.{i}.conv"] = (fpn, fpn, 3, 3)
+    shapes.update({"rpn_head.rpn_conv": (fpn, fpn, 3, 3), "rpn_head.rpn_cls": (3, fpn, 1, 1),
+                   "rpn_head.rpn_reg": (12, fpn, 1, 1), "roi_head.bbox_head.shared_fcs.0": (fc, fpn * 49),
+                   "roi_head.bbox_head.shared_fcs.1": (fc, fc), "roi_head.bbox_head.fc_cls": (classes + 1, fc),
+                   "roi_head.bbox_head.fc_reg": (4 * classes, fc), "roi_head.mask_head.upsample": (mask, mask, 2, 2),
+                   "roi_head.mask_head.conv_logits": (classes, mask, 1, 1)})
+    for i in range(4):
+        shapes[f"roi_head.mask_head.convs.{i}.conv"] = (mask, fpn if i == 0 else mask, 3, 3)
+    out = {}
+    for name, shape in shapes.items():
+        out[f"{name}.weight"] = torch.randn(shape, generator=g) * 0.1
+        bias = shape[1] if name.endswith("upsample") else shape[0]
+        out[f"{name}.bias"] = torch.randn(bias, generator=g) * 0.1
+    return out
+
+
+def test_converted_mmdet_heads_compute_what_mmdet_computes():
+    """For fixed features and proposals, the converted FPN, RPN, box and mask heads give MMDetection's
+    outputs (its computation written here): FPN maps, objectness and deltas per anchor in the same
+    anchor order, per-class probabilities (background last there, first here) and box deltas, and
+    per-class mask logits."""
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.ops import roi_align
+
+    from piip.compat.original.mmdet_heads import convert_mmdet_heads, mask_rcnn_layout
+
+    K = 5
+    theirs = mmdet_heads(64, K)
+    extra = {}
+    for key, value in theirs.items():
+        prefix, rest = key.split(".", 1)
+        extra.setdefault(prefix, {})[rest] = value
+    layout = mask_rcnn_layout(extra)
+    assert layout == dict(num_classes=K, masks=True, fpn_channels=32, box_head_dim=64, mask_head_dim=32)
+    det = build_detector(piip.PIIP(tiny_config(task="det")), **layout).eval()
+    heads, _ = convert_mmdet_heads(extra)
+    det.load_state_dict({**{k: v for k, v in det.state_dict().items() if k.startswith("backbone.body.")}, **heads})
+    w = lambda name: theirs[f"{name}.weight"]  # noqa: E731
+    b = lambda name: theirs[f"{name}.bias"]  # noqa: E731
+    torch.manual_seed(0)
+    feats = OrderedDict((str(i), torch.randn(1, 64, 32 // 2 ** i, 40 // 2 ** i)) for i in range(4))
+    with torch.no_grad():
+        # FPN: lateral 1x1, nearest top-down sum, 3x3, and a fifth level by max_pool(kernel 1, stride 2)
+        lat = [F.conv2d(feats[str(i)], w(f"neck.lateral_convs.{i}.conv"), b(f"neck.lateral_convs.{i}.conv")) for i in range(4)]
+        for i in (3, 2, 1):
+            lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="nearest")
+        ref = [F.conv2d(x, w(f"neck.fpn_convs.{i}.conv"), b(f"neck.fpn_convs.{i}.conv"), padding=1) for i, x in enumerate(lat)]
+        ref.append(F.max_pool2d(ref[-1], 1, stride=2))
+        ours = det.backbone.fpn(feats)
+        for r, o in zip(ref, ours.values()):
+            torch.testing.assert_close(o, r)
+        # RPN per level; MMDetection's anchors: base size 8 x stride, ratios 0.5/1/2, centred on the
+        # cell's corner, not rounded; order (y, x, anchor)
+        objectness, deltas = det.rpn.head(list(ours.values()))
+        anchors = det.rpn.anchor_generator(ImageList(torch.zeros(1, 3, 128, 160), [(128, 160)]), list(ours.values()))[0]
+        ref_anchors = []
+        for level, x in enumerate(ref):
+            t = F.relu(F.conv2d(x, w("rpn_head.rpn_conv"), b("rpn_head.rpn_conv"), padding=1))
+            torch.testing.assert_close(objectness[level], F.conv2d(t, w("rpn_head.rpn_cls"), b("rpn_head.rpn_cls")))
+            torch.testing.assert_close(deltas[level], F.conv2d(t, w("rpn_head.rpn_reg"), b("rpn_head.rpn_reg")))
+            stride, size = 4 * 2 ** level, 32 * 2 ** level
+            h_ratio = torch.tensor([0.5, 1.0, 2.0]).sqrt()
+            ws, hs = size / h_ratio, size * h_ratio
+            base = torch.stack([-0.5 * ws, -0.5 * hs, 0.5 * ws, 0.5 * hs], dim=1)
+            ys, xs = torch.meshgrid(torch.arange(x.shape[-2]) * stride, torch.arange(x.shape[-1]) * stride, indexing="ij")
+            shifts = torch.stack([xs, ys, xs, ys], dim=-1).reshape(-1, 1, 4).float()
+            ref_anchors.append((shifts + base).reshape(-1, 4))
+        torch.testing.assert_close(anchors, torch.cat(ref_anchors))
+        # box head on fixed proposals (RoIAlign aligned=True at MMDetection's level, finest scale 56)
+        proposals = torch.tensor([[4.0, 6, 40, 50], [10, 8, 120, 110], [0, 0, 150, 125]])
+        image_shapes = [(128, 160)]
+        rois = []
+        for box in proposals:
+            side = float(((box[2] - box[0]) * (box[3] - box[1])).sqrt())
+            level = int(min(3, max(0, np.floor(np.log2(side / 56 + 1e-6)))))
+            rois.append(roi_align(ours[str(level)], [box[None]], 7, 1 / (4 * 2 ** level), 0, aligned=True))
+        x = torch.cat(rois).flatten(1)
+        x = F.relu(F.linear(F.relu(F.linear(x, w("roi_head.bbox_head.shared_fcs.0"), b("roi_head.bbox_head.shared_fcs.0"))),
+                            w("roi_head.bbox_head.shared_fcs.1"), b("roi_head.bbox_head.shared_fcs.1")))
+        ref_probs = F.linear(x, w("roi_head.bbox_head.fc_cls"), b("roi_head.bbox_head.fc_cls")).softmax(-1)
+        ref_deltas = F.linear(x, w("roi_head.bbox_head.fc_reg"), b("roi_head.bbox_head.fc_reg"))
+        box_feats = det.roi_heads.box_head(det.roi_heads.box_roi_pool(ours, [proposals], image_shapes))
+        logits, our_deltas = det.roi_heads.box_predictor(box_feats)
+        probs = logits.softmax(-1)
+        torch.testing.assert_close(probs[:, 1:], ref_probs[:, :K])          # object classes
+        torch.testing.assert_close(probs[:, 0], ref_probs[:, K])            # background
+        torch.testing.assert_close(our_deltas[:, 4:], ref_deltas)
+        # mask head
+        m = torch.cat([roi_align(ours[str(int(min(3, max(0, np.floor(np.log2(float(((p[2] - p[0]) * (p[3] - p[1])).sqrt()) / 56 + 1e-6))))))],
+                                 [p[None]], 14, 1 / (4 * 2 ** int(min(3, max(0, np.floor(np.log2(float(((p[2] - p[0]) * (p[3] - p[1])).sqrt()) / 56 + 1e-6)))))),
+                                 0, aligned=True) for p in proposals])
+        for i in range(4):
+            m = F.relu(F.conv2d(m, w(f"roi_head.mask_head.convs.{i}.conv"), b(f"roi_head.mask_head.convs.{i}.conv"), padding=1))
+        m = F.relu(F.conv_transpose2d(m, w("roi_head.mask_head.upsample"), b("roi_head.mask_head.upsample"), stride=2))
+        ref_masks = F.conv2d(m, w("roi_head.mask_head.conv_logits"), b("roi_head.mask_head.conv_logits"))
+        our_masks = det.roi_heads.mask_predictor(det.roi_heads.mask_head(
+            det.roi_heads.mask_roi_pool(ours, [proposals], image_shapes)))
+        torch.testing.assert_close(our_masks[:, 1:], ref_masks)
+
+
+def test_piip_convert_turns_an_mmdet_mask_rcnn_file_into_a_detector(tmp_path):
+    """A Mask R-CNN file in the authors' layout (the golden backbone plus neck/heads under their names,
+    ``state_dict`` + ``meta``) becomes a complete detector checkpoint; a class-agnostic regressor is refused."""
+    import copy as _copy
+
+    from safetensors.torch import load_file
+
+    from piip.cli import main
+    from piip.compat.original import CheckpointError, convert_checkpoint
+    from conftest import FIXTURES
+
+    fx = json.loads((FIXTURES / "det3_deit.json").read_text())
+    tensors = load_file(str(FIXTURES / "det3_deit.safetensors"))
+    backbone = {f"backbone.{k[len('state_dict/'):]}": v for k, v in tensors.items() if k.startswith("state_dict/")}
+    heads = mmdet_heads(64, 80)
+    torch.save({"meta": {"epoch": 12}, "state_dict": {**backbone, **heads}}, tmp_path / "mask_rcnn.pth")
+    (tmp_path / "kwargs.json").write_text(json.dumps(fx["kwargs"]))
+    assert main(["convert", str(tmp_path / "mask_rcnn.pth"), "--config", str(tmp_path / "kwargs.json"),
+                 "-o", str(tmp_path / "det.safetensors")]) == 0
+    det = piip.load(str(tmp_path / "det.safetensors"))
+    assert isinstance(det, PIIPDetector) and det.config.num_classes == 80 and det.config.masks
+    assert det.config.class_names[:3] == ("person", "bicycle", "car") and det.config.category_ids[-1] == 90
+    state = det.state_dict()
+    torch.testing.assert_close(state["roi_heads.box_predictor.cls_score.weight"][0], heads["roi_head.bbox_head.fc_cls.weight"][80])
+    torch.testing.assert_close(state["rpn.head.conv.0.0.weight"], heads["rpn_head.rpn_conv.weight"])
+    torch.testing.assert_close(state["backbone.body.merge.weights"], torch.stack([backbone[f"backbone.w{i}"] for i in (1, 2, 3)]).float())
+    det.eval()
+    with torch.no_grad():
+        out = det([torch.rand(3, 150, 180)])
+    assert out[0]["masks"].shape[1:] == (1, 150, 180)
+    agnostic = _copy.deepcopy(heads)
+    agnostic["roi_head.bbox_head.fc_reg.weight"] = agnostic["roi_head.bbox_head.fc_reg.weight"][:4]
+    agnostic["roi_head.bbox_head.fc_reg.bias"] = agnostic["roi_head.bbox_head.fc_reg.bias"][:4]
+    torch.save({"state_dict": {**backbone, **agnostic}}, tmp_path / "agnostic.pth")
+    with pytest.raises(CheckpointError, match="class-agnostic"):
+        convert_checkpoint(tmp_path / "agnostic.pth", fx["kwargs"], tmp_path / "x.safetensors")

@@ -27,10 +27,23 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["DetectionDataConfig", "CocoDetection", "coco_paths", "build_coco_dataset", "RandomHorizontalFlip",
+__all__ = ["COCO_CATEGORIES", "DetectionDataConfig", "CocoDetection", "coco_paths", "build_coco_dataset", "RandomHorizontalFlip",
            "collate_detection"]
 
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError)
+
+#: COCO 2017's 80 object categories: (id, name), in id order (the order of the models' labels)
+COCO_CATEGORIES: tuple[tuple[int, str], ...] = tuple(enumerate((
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", None, "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", None, "backpack", "umbrella", None, None, "handbag", "tie",
+    "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+    "skateboard", "surfboard", "tennis racket", "bottle", None, "wine glass", "cup", "fork", "knife", "spoon",
+    "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake",
+    "chair", "couch", "potted plant", "bed", None, "dining table", None, None, "toilet", None, "tv", "laptop",
+    "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", None,
+    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"), start=1))
+COCO_CATEGORIES = tuple((i, n) for i, n in COCO_CATEGORIES if n is not None)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from ...models.piip import PIIP
 from ...weights.checkpoint import CheckpointError, save_checkpoint
 from ...weights.io import read_torch_file, unwrap_state_dict
 from .configs import _check_task, _unwrap_kwargs, build
+from .mmdet_heads import HEAD_PREFIXES, convert_mmdet_heads, has_mask_rcnn_heads, mask_rcnn_layout
 from .state_dict import convert_state_dict
 
 __all__ = ["load_original_checkpoint", "convert_checkpoint"]
@@ -144,7 +145,7 @@ def _resolve_config(config: str | os.PathLike | Mapping[str, Any]) -> tuple[Mapp
 
 def convert_checkpoint(src_path: str | os.PathLike, config: str | os.PathLike | Mapping[str, Any],
                        out_path: str | os.PathLike, *, task: str | None = None,
-                       use_ema: bool = False) -> dict[str, Any]:
+                       use_ema: bool = False, detector: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Convert one of the authors' checkpoint files to piip's safetensors format.
 
     Args:
@@ -152,13 +153,18 @@ def convert_checkpoint(src_path: str | os.PathLike, config: str | os.PathLike | 
         config: the authors' backbone kwargs (a dict, or a JSON file holding them or a fixture JSON
             with a ``"kwargs"`` field), or the name of a registered piip variant whose config
             matches the checkpoint.
-        out_path: the ``.safetensors`` file to write (:func:`piip.weights.save_checkpoint`); neck
-            and head tensors of detection checkpoints are kept under their own prefixes. Our model
-            config is also written next to it as ``<out>.json``.
+        out_path: the ``.safetensors`` file to write (:func:`piip.weights.save_checkpoint`). An
+            MMDetection Mask/Faster R-CNN file becomes a complete detector (backbone, FPN, RPN and
+            RoI heads mapped onto torchvision's modules, see :mod:`.mmdet_heads`; COCO's 80 class
+            names and ids when it has 80 classes); other neck/head tensors (DINO's) are kept under
+            their own prefixes next to the backbone. The model config is also written next to it
+            as ``<out>.json``.
         task: ``"det"`` or ``"cls"``; inferred from the config or the checkpoint when omitted.
         use_ema: convert a classification checkpoint's EMA weights.
+        detector: :class:`~piip.tasks.detection.DetectorConfig` settings of a converted detector
+            (e.g. ``{"size_divisible": 64}`` for the ViT baselines, which the authors padded to 64).
 
-    Returns a summary dict (paths, task, layout, tensor/parameter counts, kept extra prefixes).
+    Returns a summary dict (paths, task, layout, model kind, tensor/parameter counts, kept extra prefixes).
     """
     backbone, extra, meta = load_original_checkpoint(src_path, use_ema=use_ema)
     kwargs, task_hint, label = _resolve_config(config)
@@ -167,7 +173,7 @@ def convert_checkpoint(src_path: str | os.PathLike, config: str | os.PathLike | 
     if kwargs is not None:
         model = build(kwargs, task)
     else:
-        from ..models.registry import get_config
+        from ...models.registry import get_config
         model = PIIP(get_config(label, task=task))
     try:
         converted = convert_state_dict(backbone, model)
@@ -191,6 +197,9 @@ def convert_checkpoint(src_path: str | os.PathLike, config: str | os.PathLike | 
         metadata["variant"] = label
     if use_ema:
         metadata["weights"] = "model_ema"
+    num_tensors = len(converted)
+    if task == "det" and has_mask_rcnn_heads(extra):
+        model, extra, num_tensors = _with_mmdet_heads(model, converted, extra, detector or {})
     out = save_checkpoint(model, out_path, extra=extra, metadata=metadata)
     # the config also travels inside the safetensors header; the sidecar is for people and tools
     config_json = os.path.splitext(os.fspath(out))[0] + ".json"
@@ -203,12 +212,32 @@ def convert_checkpoint(src_path: str | os.PathLike, config: str | os.PathLike | 
         "config": label,
         "task": task,
         "layout": meta.get("layout"),
-        "original_class": getattr(model, "original_spec", {}).get("class"),
-        "num_branches": model.config.num_branches,
-        "num_tensors": len(converted),
+        "original_class": metadata.get("original_class"),
+        "model": type(model).__name__,
+        "num_branches": (model.config.backbone if hasattr(model.config, "backbone") else model.config).num_branches,
+        "num_tensors": num_tensors,
         "num_params": sum(p.numel() for p in model.parameters()),
         "extra": {prefix: len(tensors) for prefix, tensors in extra.items()},
         "ema": use_ema,
         "has_ema": bool(meta.get("has_ema", False)),
         "ignored_tensors": len(meta.get("ignored_tensors", [])),
     }
+
+
+def _with_mmdet_heads(backbone: PIIP, converted: dict[str, torch.Tensor], extra: dict, settings: Mapping[str, Any]):
+    """A complete detector from a converted backbone and MMDetection's neck and heads."""
+    from ...data.coco import COCO_CATEGORIES
+    from ...tasks.detection import build_detector
+    from ...weights.checkpoint import check_state_dict
+
+    layout = mask_rcnn_layout(extra)
+    names: dict[str, Any] = {}
+    if layout["num_classes"] == len(COCO_CATEGORIES):
+        names = dict(class_names=tuple(n for _, n in COCO_CATEGORIES), category_ids=tuple(i for i, _ in COCO_CATEGORIES))
+    detector = build_detector(backbone, **{**layout, **names, **settings})
+    heads, sources = convert_mmdet_heads(extra)
+    state = {f"backbone.body.{k}": v for k, v in converted.items()} | heads
+    check_state_dict(state, detector, what="converted detector checkpoint", names=sources)
+    detector.load_state_dict(state, strict=True)
+    rest = {prefix: tensors for prefix, tensors in extra.items() if prefix not in HEAD_PREFIXES}
+    return detector.eval(), rest, len(state)

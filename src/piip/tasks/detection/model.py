@@ -7,7 +7,8 @@ accuracy (reference §8.1):
 
 * neck: ``torchvision.ops.FeaturePyramidNetwork`` 256 wide + ``LastLevelMaxPool`` (MMDetection's
   ``FPN(num_outs=5)``: stride 64 by max-pooling the stride-32 output);
-* RPN: anchors 32-512 (one size per level) x ratios 0.5/1/2, 2000 proposals per level before NMS
+* RPN: anchors 32-512 (one size per level) x ratios 0.5/1/2 at strides 4-64 (not rounded to whole
+  pixels, as MMDetection 2.x), 2000 proposals per level before NMS
   and 1000 kept after it in training, 1000/1000 in testing, NMS 0.7, 256 samples at 50% positives;
 * RoI heads: RoIAlign **aligned** with sampling ratio 0 (7x7 boxes, 14x14 masks, the FPN paper's
   level rule with MMDetection's finest scale 56), two 1024-wide FC layers, four 3x3 conv mask
@@ -171,6 +172,34 @@ class DetectorBackbone(nn.Module):
             return self.fpn(OrderedDict((k, v.float()) for k, v in features.items()))
 
 
+class PyramidAnchorGenerator(AnchorGenerator):
+    """MMDetection 2.x's anchors on torchvision's generator: the base anchors are not rounded to
+    whole pixels (``0.5 * w`` either side of the cell's corner) and every level has its pyramid
+    stride (4, 8, ..., 64). torchvision derives a level's stride as ``image size // map size``,
+    which is wrong for the max-pooled level when the stride-32 map has an odd size (e.g. 62 instead
+    of 64 for a 1120-pixel side)."""
+
+    def __init__(self, sizes, aspect_ratios, strides):
+        super().__init__(sizes, aspect_ratios)
+        self.strides = tuple(int(s) for s in strides)
+
+    def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32, device=torch.device("cpu")):
+        scales = torch.as_tensor(scales, dtype=dtype, device=device)
+        h_ratios = torch.sqrt(torch.as_tensor(aspect_ratios, dtype=dtype, device=device))
+        ws = (scales[None, :] / h_ratios[:, None]).reshape(-1)
+        hs = (scales[None, :] * h_ratios[:, None]).reshape(-1)
+        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+
+    def forward(self, image_list, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        if len(feature_maps) != len(self.strides):
+            raise ValueError(f"{len(feature_maps)} feature maps for {len(self.strides)} anchor strides")
+        device, dtype = feature_maps[0].device, feature_maps[0].dtype
+        self.set_cell_anchors(dtype, device)
+        strides = [[torch.tensor(s, dtype=torch.int64, device=device)] * 2 for s in self.strides]
+        anchors = torch.cat(self.grid_anchors([f.shape[-2:] for f in feature_maps], strides))
+        return [anchors for _ in image_list.image_sizes]
+
+
 class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
     """``MultiScaleRoIAlign`` with ``aligned=True`` (MMDetection's RoIAlign; torchvision's multi-scale
     pooler hard-codes ``aligned=False``) and MMDetection's level rule
@@ -290,7 +319,8 @@ def _init_like_mmdet(fpn: nn.Module, box_head: TwoMLPHead, box_predictor: FastRC
 def _assemble(config: DetectorConfig, body: PIIP) -> PIIPDetector:
     backbone = DetectorBackbone(body, config.fpn_channels, _DTYPES[config.backbone_dtype])
     channels = config.fpn_channels
-    anchors = AnchorGenerator(tuple((s,) for s in config.anchor_sizes), ((0.5, 1.0, 2.0),) * len(config.anchor_sizes))
+    anchors = PyramidAnchorGenerator(tuple((s,) for s in config.anchor_sizes),
+                                     ((0.5, 1.0, 2.0),) * len(config.anchor_sizes), strides=(4, 8, 16, 32, 64))
     rpn_class = L1RegionProposalNetwork if config.box_loss == "l1" else RegionProposalNetwork
     rpn = rpn_class(anchors, RPNHead(channels, anchors.num_anchors_per_location()[0]),
                     fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=config.rpn_batch_size_per_image,
