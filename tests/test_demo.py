@@ -1,7 +1,9 @@
 """The Fashion-MNIST demonstration: tiny variants, shipped configs, the pretrain-then-fine-tune
 workflow through ``branch_weights=``, and ``piip demo`` end to end on a few hundred real images."""
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -86,3 +88,50 @@ def test_demo_end_to_end_on_a_few_hundred_images(tmp_path, capsys):
     assert "top-1" in out
     assert main(argv) == 0
     assert capsys.readouterr().out.count("reusing the finished run") == 5
+
+
+@needs_fmnist
+def test_scenes_are_coco_format_deterministic_and_span_the_coco_scales(tmp_path):
+    from pycocotools import mask as coco_mask
+
+    from piip.data.coco import CocoDetection
+    from piip.data.scenes import generate_scenes
+
+    a = generate_scenes(tmp_path / "a", train_images=24, val_images=6, seed=3)
+    b = generate_scenes(tmp_path / "b", train_images=24, val_images=6, seed=3)
+    assert Path(a["train"]).read_text() == Path(b["train"]).read_text()            # deterministic
+    assert (tmp_path / "a" / "train" / "000005.png").read_bytes() == (tmp_path / "b" / "train" / "000005.png").read_bytes()
+    data = json.loads(Path(a["train"]).read_text())
+    assert [c["name"] for c in data["categories"]][:2] == ["T-shirt/top", "Trouser"]
+    areas = np.array([ann["area"] for ann in data["annotations"]])
+    assert (areas < 32 ** 2).any() and ((areas >= 32 ** 2) & (areas < 96 ** 2)).any() and (areas >= 96 ** 2).any()
+    for ann in data["annotations"][:20]:   # the mask is the item's visible pixels, the box is tight around it
+        mask = coco_mask.decode({"size": ann["segmentation"]["size"], "counts": ann["segmentation"]["counts"].encode()})
+        ys, xs = np.nonzero(mask)
+        assert ann["area"] == mask.sum() and ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+    ds = CocoDetection(a["val"], tmp_path / "a" / "val", train=True)
+    image, target = ds[0]
+    assert image.shape[0] == 3 and len(target["labels"]) == len(target["masks"]) >= 1
+    assert len({tuple(im.shape) for im, _ in (ds[0], ds[1])}) == 2                  # landscape and portrait
+
+
+@needs_fmnist
+def test_detection_demo_end_to_end_on_a_few_scenes(tmp_path, capsys):
+    """`piip demo det` on 8 scenes: pretraining, both detectors, the table, JSON and plots; a second
+    call reuses every finished run."""
+    argv = ["demo", "det", "--out", str(tmp_path), "--train-scenes", "8", "--val-scenes", "2",
+            "--pretrain-limit", "256", "--epochs", "1", "optim.batch_size=2"]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["key"] for r in results["runs"]] == ["piip", "vit_b"] and results["pretrain_time_s"] > 0
+    piip_run, vit_run = results["runs"]
+    assert piip_run["backbone_macs"] < vit_run["backbone_macs"]
+    for r in results["runs"]:
+        assert {"bbox_AP", "segm_AP", "bbox_APs", "bbox_APm", "bbox_APl"} <= set(r["metrics"])
+    for png in ("ap_vs_macs.png", "predictions.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "box AP" in (tmp_path / "results.md").read_text()
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("reusing the finished run") == 5 and "reusing the scenes" in out

@@ -76,8 +76,10 @@ def _cmd_flops(args: argparse.Namespace) -> None:
 def _cmd_bench(args: argparse.Namespace) -> None:
     from .analysis.bench import benchmark, compare
 
+    if args.train and args.task != "det":
+        raise ValueError("--train times a detector's training step: use it with --task det")
     common = dict(batch=args.batch, repeat=args.repeat, warmup=args.warmup, device=args.device,
-                  tune_malloc=not args.no_tune_malloc)
+                  tune_malloc=not args.no_tune_malloc, train=args.train)
     with console.status(f"benchmarking {args.name} ({args.dtype}) ..."):
         model = benchmark(args.name, dtype=args.dtype, **common, **_overrides(args))
     baseline_overrides = {"task": args.task}
@@ -90,15 +92,19 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps({"model": model.to_dict(), "baseline": base.to_dict(), "ratios": ratios}))
         return
-    table = Table(title=f"forward, batch {args.batch}, {args.device}, median of {args.repeat}")
-    for column in ("model", "dtype", "resolutions", "params (M)", "MACs (G)", "latency (ms)",
-                   "peak mem (MiB)", "GMACs/s"):
+    what = "Mask R-CNN training step" if args.train else "forward"
+    table = Table(title=f"{what}, batch {args.batch}, {args.device}, median of {args.repeat}")
+    for column in ("model", "dtype", "resolutions", "params (M)", "MACs (G)",
+                   "step (ms)" if args.train else "latency (ms)", "peak mem (MiB)",
+                   "images/s" if args.train else "GMACs/s"):
         table.add_column(column, justify="right")
     for r in (model, base):
+        rate = f"{r.batch / (r.latency_ms / 1e3):.2f}" if args.train else f"{r.macs_per_s / 1e9:.1f}"
         table.add_row(r.name, r.dtype, r.resolutions, f"{r.params / 1e6:.1f}", f"{r.macs / 1e9:.1f}",
-                      f"{r.latency_ms:.0f}", f"{r.peak_memory_mb:.0f}", f"{r.macs_per_s / 1e9:.1f}")
+                      f"{r.latency_ms:.0f}", f"{r.peak_memory_mb:.0f}", rate)
     table.add_row("ratio", "", "", f"{model.params / base.params:.3f}", f"{ratios['macs']:.3f}",
-                  f"{ratios['latency']:.3f}", f"{ratios['peak_memory']:.3f}", f"{ratios['macs_per_s']:.3f}")
+                  f"{ratios['latency']:.3f}", f"{ratios['peak_memory']:.3f}",
+                  f"{ratios['speedup']:.3f}" if args.train else f"{ratios['macs_per_s']:.3f}")
     console.print(table)
     if "output_rel_error" in ratios:
         console.print(f"output relative L2 error vs baseline: {ratios['output_rel_error']:.2e}; "
@@ -142,13 +148,21 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
+    overrides = list(args.overrides)
+    task = overrides.pop(0) if overrides and overrides[0] in ("cls", "det") else "cls"
+    if task == "det":
+        from .demo.detection import run_detection_demo
+
+        run_detection_demo(args.out or "outputs/demo_det", train_scenes=args.train_scenes, val_scenes=args.val_scenes,
+                           pretrain_limit=args.pretrain_limit, epochs=args.epochs, overrides=overrides,
+                           fresh=args.fresh, console=console)
+        return
     from .demo import run_demo
 
-    overrides = list(args.overrides)
     if args.data is not None:
         overrides.append(f"data.root={args.data}")
-    run_demo(args.out, epochs=args.epochs, pretrain_branches=args.pretrain_branches, overrides=overrides,
-             finetune_epochs=args.finetune_epochs, fresh=args.fresh, console=console)
+    run_demo(args.out or "outputs/demo", epochs=args.epochs or 1, pretrain_branches=args.pretrain_branches,
+             overrides=overrides, finetune_epochs=args.finetune_epochs, fresh=args.fresh, console=console)
 
 
 def _cmd_eval_cls(args: argparse.Namespace) -> None:
@@ -270,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--train", action="store_true",
+                   help="with --task det: time one optimiser step of a whole Mask R-CNN around each backbone")
     p.add_argument("--no-tune-malloc", action="store_true",
                    help="run with glibc's default allocator settings (see piip.analysis.bench)")
     p.add_argument("--json", action="store_true")
@@ -285,11 +301,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("demo", help="train PIIP and a ViT baseline on Fashion-MNIST: accuracy vs MACs")
-    p.add_argument("overrides", nargs="*", help="section.field=value overrides for every run")
-    p.add_argument("--out", default="outputs/demo", help="folder for the runs, the results and the plot")
-    p.add_argument("--epochs", type=int, default=1,
-                   help="training epochs of every run (default 1; `piip train cls fashion_mnist` trains 5)")
+    p = sub.add_parser("demo", help="train PIIP and a ViT baseline here: classification (default) or "
+                                    "detection (piip demo det) on Fashion-MNIST")
+    p.add_argument("overrides", nargs="*", metavar="[cls|det] OVERRIDE",
+                   help="the demo (cls, the default: Fashion-MNIST accuracy vs MACs; det: Mask R-CNN on "
+                        "Fashion-MNIST scenes), then section.field=value overrides for its runs")
+    p.add_argument("--out", help="folder for the runs, the results and the plots "
+                                 "(default outputs/demo, outputs/demo_det)")
+    p.add_argument("--epochs", type=int,
+                   help="training epochs of every run (cls: default 1, `piip train cls fashion_mnist` trains 5; "
+                        "det: the scenes_det recipe's)")
+    p.add_argument("--train-scenes", type=int, default=400, help="det: training scenes")
+    p.add_argument("--val-scenes", type=int, default=100, help="det: validation scenes")
+    p.add_argument("--pretrain-limit", type=int, default=20000,
+                   help="det: Fashion-MNIST images for the one-epoch ViT pretraining")
     p.add_argument("--data", help="folder of the Fashion-MNIST IDX files (default: the Debian package's)")
     p.add_argument("--pretrain-branches", action="store_true",
                    help="also train ViT-S/T and fine-tune PIIP from the three saved ViTs (branch_weights)")
@@ -363,7 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    # section.field=value overrides may also follow options (argparse fills a positional list once)
+    stray = [token for token in rest if token.startswith("-") or "=" not in token]
+    if stray or (rest and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or rest)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
     try:
         args.func(args)
     except (ValueError, OSError, NotImplementedError) as error:

@@ -1,4 +1,5 @@
-"""Side-by-side forward benchmarks: latency, peak memory and achieved MACs/s.
+"""Side-by-side benchmarks: forward latency, peak memory and achieved MACs/s of a backbone, or
+(``train=True``) one optimiser step of a whole Mask R-CNN around it.
 
 Each model is measured in a fresh subprocess, so peak memory is that model's alone: on CPU it is the
 process's peak resident set during the forward passes (Linux ``VmHWM``, reset just before) minus
@@ -48,6 +49,7 @@ class BenchResult:
     peak_memory_mb: float
     device: str
     malloc_tuned: bool = False
+    mode: str = "forward"  # or "train": one AdamW step of a Mask R-CNN around the backbone
     output: torch.Tensor | None = None  # the stride-16 map (det) or the logits (cls), float32
 
 
@@ -92,8 +94,47 @@ def time_forward(model: torch.nn.Module, images: torch.Tensor, *, repeat: int = 
     return latencies, out
 
 
+def _detector_step(name: str, overrides: dict, dtype: str, batch: int, repeat: int, warmup: int,
+                   device: str) -> tuple[list[float], torch.nn.Module, tuple[int, int]]:
+    """Milliseconds of ``repeat`` optimiser steps (after ``warmup``) of a Mask R-CNN (80 classes)
+    around ``name``'s dense backbone, on images of the authors' detection size (``S x S*800//1333``)
+    with ten boxes and masks each; the backbone runs under ``dtype`` autocast, the heads in fp32."""
+    from ..models.factory import create_model
+    from ..tasks.detection import build_detector
+
+    backbone = create_model(name, **{**overrides, "task": "det"})
+    model = build_detector(backbone, 80, backbone_dtype=dtype).to(device).train()
+    finest = backbone.config.input_size
+    size = (finest * 800 // 1333, finest)
+    images = [torch.rand(3, *size, device=device) for _ in range(batch)]
+    targets = []
+    for _ in range(batch):
+        xy = torch.rand(10, 2, device=device) * torch.tensor([size[1] * 0.7, size[0] * 0.7], device=device)
+        wh = 32 + torch.rand(10, 2, device=device) * 200
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        masks = torch.zeros(10, *size, dtype=torch.uint8, device=device)
+        for m, (x1, y1, x2, y2) in zip(masks, boxes.long().tolist()):
+            m[y1:y2, x1:x2] = 1
+        targets.append({"boxes": boxes, "labels": torch.randint(1, 81, (10,), device=device), "masks": masks})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    latencies = []
+    for step in range(warmup + repeat):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if step >= warmup:
+            latencies.append((time.perf_counter() - start) * 1e3)
+    return latencies, backbone, size
+
+
 def _measure(name: str, overrides: dict, dtype: str, batch: int, repeat: int, warmup: int,
-             device: str, threads: int | None) -> dict:
+             device: str, threads: int | None, train: bool = False) -> dict:
     torch.manual_seed(0)  # same weights and images in every process: outputs are comparable
     from ..models.factory import create_model
     from .actual_flops import actual_complexity
@@ -102,6 +143,21 @@ def _measure(name: str, overrides: dict, dtype: str, batch: int, repeat: int, wa
         torch.set_num_threads(threads)
     on_cuda = device.startswith("cuda")
     rss_before = 0 if on_cuda else _rss_kb("VmRSS")
+    if train:
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            _reset_peak_rss()
+        latencies, backbone, size = _detector_step(name, overrides, dtype, batch, repeat, warmup, device)
+        peak = (torch.cuda.max_memory_allocated() / 2**20 if on_cuda
+                else (_rss_kb("VmHWM") - rss_before) / 1024)
+        config = backbone.config
+        complexity = actual_complexity(config, size)
+        return asdict(BenchResult(
+            name=name, resolutions="/".join(map(str, config.resolutions)), dtype=dtype, batch=batch,
+            input_size=size, params=complexity.params, macs=complexity.macs,
+            latency_ms=statistics.median(latencies), latencies_ms=tuple(latencies), peak_memory_mb=peak,
+            device=device, mode="train"))
     model = create_model(name, **overrides).eval().to(device)
     config = model.config
     size = (config.input_size, config.input_size)
@@ -124,11 +180,13 @@ def _measure(name: str, overrides: dict, dtype: str, batch: int, repeat: int, wa
 
 
 def benchmark(name: str, *, dtype: str = "fp32", batch: int = 1, repeat: int = 3, warmup: int = 1,
-              device: str = "cpu", threads: int | None = None, tune_malloc: bool = True,
+              device: str = "cpu", threads: int | None = None, tune_malloc: bool = True, train: bool = False,
               **overrides) -> BenchResult:
     """Measure variant ``name`` (with ``create_model`` overrides) in a fresh subprocess.
 
     ``tune_malloc``: on CPU, start the subprocess with :data:`CPU_MALLOC_TUNING` (see module doc).
+    ``train``: time one optimiser step of a whole Mask R-CNN around the dense backbone instead of a
+    forward pass (the peak memory is then the training step's; MACs stay the backbone's forward).
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -141,7 +199,7 @@ def benchmark(name: str, *, dtype: str = "fp32", batch: int = 1, repeat: int = 3
         if tuned:  # a spawned child starts with the parent's environment
             os.environ.update(CPU_MALLOC_TUNING)
         with ctx.Pool(1) as pool:
-            data = pool.apply(_measure, (name, overrides, dtype, batch, repeat, warmup, device, threads))
+            data = pool.apply(_measure, (name, overrides, dtype, batch, repeat, warmup, device, threads, train))
     finally:
         for key, value in saved.items():
             if value is None:

@@ -2,7 +2,9 @@
 scale, on real photographs and textures, in COCO format.
 
 Each scene is a crop of one of scikit-image's bundled photographs and textures (brick, grass,
-gravel, coffee, a cat, a rocket, ...; no download), with 1 to ``max_objects`` Fashion-MNIST items
+gravel, coffee, a cat, a rocket, ...; no download), 168x224 by default (every other one portrait),
+with 1 to ``max_objects`` Fashion-MNIST items, each in a random saturated colour over its own grey
+shading,
 pasted at random sizes spanning COCO's small, medium and large objects (``min_size`` to
 ``max_size`` pixels, log-uniform). An item's own pixels (its grey values above a threshold) give its
 mask; later items occlude earlier ones, so masks and tight boxes are those of the visible pixels,
@@ -23,7 +25,10 @@ from typing import Iterator
 
 import numpy as np
 
-__all__ = ["SCENE_BACKGROUNDS", "generate_scenes", "scene_split"]
+__all__ = ["SCENE_BACKGROUNDS", "SCENES_VERSION", "generate_scenes", "scene_split"]
+
+#: changes whenever the same seed would give other scenes (stored with generated datasets)
+SCENES_VERSION = 2
 
 #: scikit-image's bundled colour or grey photographs and textures used as backgrounds
 SCENE_BACKGROUNDS = ("astronaut", "brick", "camera", "chelsea", "coffee", "grass", "gravel", "rocket",
@@ -64,6 +69,17 @@ def _crop(background: np.ndarray, height: int, width: int, rng: np.random.Genera
     return crop[:, ::-1].copy() if rng.random() < 0.5 else crop.copy()
 
 
+def _colour(rng: np.random.Generator) -> np.ndarray:
+    """A saturated colour (RGB gains, the brightest channel 1): items keep their own grey shading and
+    stand out from the photographs as real objects do from real backgrounds."""
+    hue = rng.uniform(0, 6)
+    sector, frac = int(hue), hue - int(hue)
+    low = rng.uniform(0.0, 0.35)
+    rising, falling = low + (1 - low) * frac, 1 - (1 - low) * frac
+    return np.array([(1, rising, low), (falling, 1, low), (low, 1, rising), (low, falling, 1),
+                     (rising, low, 1), (1, low, falling)][sector % 6])
+
+
 def _item(image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """A 28x28 item resized to ``size``: its grey values and its mask (pixels above 10% grey)."""
     from PIL import Image
@@ -87,9 +103,8 @@ def scene_split(items: np.ndarray, labels: np.ndarray, backgrounds: list[np.ndar
             y, x = rng.integers(0, height - size + 1), rng.integers(0, width - size + 1)
             full = np.zeros((height, width), dtype=bool)
             full[y:y + size, x:x + size] = mask
-            tint = rng.uniform(0.55, 1.0, size=3) * (1.0 if rng.random() < 0.5 else rng.uniform(0.8, 1.2))
             region = image[y:y + size, x:x + size]
-            region[mask] = np.clip(grey[mask, None] * tint, 0, 255)
+            region[mask] = np.clip(grey[mask, None] * _colour(rng), 0, 255)
             for other in placed:  # the new item hides what lies below it
                 other["mask"] &= ~full
             placed.append({"label": int(labels[k]), "mask": full, "area0": int(full.sum())})
@@ -110,8 +125,8 @@ def _annotation(obj: dict, image_id: int, ann_id: int) -> dict:
 
 
 def generate_scenes(out: str | os.PathLike, *, train_images: int = 800, val_images: int = 200, seed: int = 0,
-                    canvas: tuple[int, int] = (224, 280), max_objects: int = 6, min_size: int = 10,
-                    max_size: int = 224, min_visible: float = 0.4, fashion_mnist_root: str | None = None,
+                    canvas: tuple[int, int] = (168, 224), max_objects: int = 6, min_size: int = 10,
+                    max_size: int = 168, min_visible: float = 0.4, fashion_mnist_root: str | None = None,
                     progress: bool = False) -> dict[str, str]:
     """Write a COCO-format dataset to ``out``: ``annotations/instances_{train,val}.json`` and the PNG
     images in ``train/`` and ``val/``. Returns the annotation paths.
@@ -153,7 +168,8 @@ def generate_scenes(out: str | os.PathLike, *, train_images: int = 800, val_imag
                 annotations.append(_annotation(obj, i + 1, len(annotations) + 1))
         path = out / "annotations" / f"instances_{split}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"info": {"description": "Fashion-MNIST scenes (piip)", "seed": seed},
+        path.write_text(json.dumps({"info": {"description": "Fashion-MNIST scenes (piip)", "seed": seed,
+                                             "version": SCENES_VERSION},
                                     "images": images, "annotations": annotations, "categories": categories}))
         paths[split] = str(path)
     return paths

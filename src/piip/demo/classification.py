@@ -21,8 +21,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .analysis import complexity
-from .engine import TrainConfig, build_model_config, load_config, train
+from ..analysis import complexity
+from ..engine import TrainConfig, build_model_config, load_config, train
 
 __all__ = ["DemoResult", "demo_runs", "run_demo", "plot_accuracy_vs_macs"]
 
