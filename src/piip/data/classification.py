@@ -34,7 +34,6 @@ import gzip
 import logging
 import os
 import random
-import warnings
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -44,6 +43,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from .unreadable import DECODE_ERRORS, SkipsUnreadable
 
 __all__ = ["DataConfig", "build_transforms", "build_dataset", "check_num_classes", "FashionMNIST",
            "RobustImageFolder", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "default_fashion_mnist_root",
@@ -374,16 +375,13 @@ class FashionMNIST(Dataset):
         return f"FashionMNIST(split={self.split!r}, samples={len(self)}, root={self.root!r})"
 
 
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)  # PIL.UnidentifiedImageError is an OSError
 
 
-class RobustImageFolder(Dataset):
+class RobustImageFolder(SkipsUnreadable, Dataset):
     """``torchvision.datasets.ImageFolder`` whose unreadable images are skipped, not fatal.
 
-    On a decode error the next readable sample (cyclically) is returned instead; ``.skipped`` counts
-    the failures, ``.bad_files`` lists the paths, and every new bad file triggers a
-    ``warnings.warn``. With ``DataLoader(num_workers>0)`` the counters live in the worker processes;
-    the warnings still reach the log.
+    On a decode error the next readable sample (cyclically) is returned instead, counted and warned
+    about (:class:`~piip.data.unreadable.SkipsUnreadable`: ``.skipped``, ``.bad_files``).
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
@@ -413,7 +411,6 @@ class RobustImageFolder(Dataset):
         self.targets = [t for _, t in self.samples]
         self.loader = default_loader
         self.transform = transform
-        self.skipped = 0
         self.bad_files: list[str] = []
 
     def __len__(self) -> int:
@@ -431,13 +428,8 @@ class RobustImageFolder(Dataset):
             i = (index + attempt) % n
             try:
                 image, target = self._load(i)
-            except _DECODE_ERRORS as err:
-                path = self.samples[i][0]
-                self.skipped += 1
-                if path not in self.bad_files:
-                    self.bad_files.append(path)
-                    warnings.warn(f"skipping unreadable image {path!r} ({type(err).__name__}: {err}); "
-                                  f"{len(self.bad_files)} unreadable so far", RuntimeWarning, stacklevel=2)
+            except DECODE_ERRORS as err:
+                self.note_unreadable(self.samples[i][0], err)
                 continue
             if self.transform is not None:
                 image = self.transform(image)

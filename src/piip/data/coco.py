@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .unreadable import DECODE_ERRORS, SkipsUnreadable
+
 __all__ = ["COCO_CATEGORIES", "DetectionDataConfig", "CocoDetection", "coco_paths", "build_coco_dataset", "RandomHorizontalFlip",
            "collate_detection"]
-
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError)
 
 #: COCO 2017's 80 object categories: (id, name), in id order (the order of the models' labels)
 COCO_CATEGORIES: tuple[tuple[int, str], ...] = tuple(enumerate((
@@ -169,7 +169,7 @@ def decode_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(mask_util.decode(rle), dtype=np.uint8)
 
 
-class CocoDetection(Dataset):
+class CocoDetection(SkipsUnreadable, Dataset):
     """One split of a COCO-format dataset (see the module docstring for what a sample is).
 
     Args:
@@ -221,7 +221,6 @@ class CocoDetection(Dataset):
         if not self.records:
             raise ValueError(f"{self.ann_file}: no images to {'train on (none has a non-crowd object)' if train else 'evaluate'}")
         self.ids = [im["id"] for im, _ in self.records]
-        self.skipped = 0
         self.bad_files: list[str] = []
 
     def _clean(self, ann: dict, image: dict) -> dict | None:
@@ -276,13 +275,8 @@ class CocoDetection(Dataset):
             i = (index + attempt) % n
             try:
                 image = self._read(i)
-            except _DECODE_ERRORS as err:
-                path = os.path.join(self.image_dir, self.records[i][0]["file_name"])
-                self.skipped += 1
-                if path not in self.bad_files:
-                    self.bad_files.append(path)
-                    warnings.warn(f"skipping unreadable image {path!r} ({type(err).__name__}: {err}); "
-                                  f"{len(self.bad_files)} unreadable so far", RuntimeWarning, stacklevel=2)
+            except DECODE_ERRORS as err:
+                self.note_unreadable(os.path.join(self.image_dir, self.records[i][0]["file_name"]), err)
                 continue
             target = self.target(i)
             if self.transform is not None:
