@@ -616,3 +616,37 @@ def test_shipped_1x_recipe_is_the_papers():
     assert rules[f"{body}branches.0.pos_embed"].weight_decay == 0.05       # the original decays it
     assert rules[f"{body}merge.weights"].weight_decay == 0.0                # 1-d
     assert rules["roi_heads.box_head.fc6.bias"].weight_decay == 0.0
+
+
+def test_large_scale_jitter_sizes_training_images_and_the_detector_keeps_them(tmp_path):
+    from piip.data.coco import LargeScaleJitter
+    from piip.engine import load_config
+    from piip.tasks.detection.task import DetectionTask
+
+    torch.manual_seed(0)
+    jitter = LargeScaleJitter(96, (0.5, 1.5))
+    image = torch.rand(3, 64, 80)
+    target = {"boxes": torch.tensor([[10.0, 10, 30, 40], [60, 50, 79, 63]]), "labels": torch.tensor([1, 2]),
+              "masks": torch.zeros(2, 64, 80, dtype=torch.uint8), "image_id": 7}
+    target["masks"][0, 10:40, 10:30] = 1
+    sizes = set()
+    for _ in range(8):
+        out_image, out = jitter(image, target)
+        assert out_image.shape == (3, 96, 96) and out["image_id"] == 7
+        assert len(out["boxes"]) == len(out["labels"]) == len(out["masks"]) and out["masks"].shape[1:] == (96, 96)
+        assert (out["boxes"][:, 2:] > out["boxes"][:, :2]).all() and out["boxes"].max() <= 96
+        sizes.add(round(float(out["boxes"][0, 2] - out["boxes"][0, 0]), 1) if len(out["labels"]) and out["labels"][0] == 1 else None)
+    assert len(sizes) > 2                                                   # random scales
+    write_shapes(tmp_path / "data", n_train=2, n_val=1)
+    config = json.loads(det_config(tmp_path / "c.json", tmp_path / "data", tmp_path / "run").read_text())
+    config["data"]["large_scale_jitter"] = [0.5, 1.5]
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    task = DetectionTask(load_config(tmp_path / "c.json"))
+    train, _ = task.build_datasets(task.cfg)
+    assert train[0][0].shape[-2:] == (128, 128)                             # the model's input size
+    det = task.build_model(task.cfg, train)
+    assert det.config.resize_in_training is False and det.transform._skip_resize
+    with pytest.raises(ValueError, match="large_scale_jitter"):
+        config["data"]["large_scale_jitter"] = [2.0, 1.0]
+        (tmp_path / "c.json").write_text(json.dumps(config))
+        load_config(tmp_path / "c.json")

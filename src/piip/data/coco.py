@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from .unreadable import DECODE_ERRORS, SkipsUnreadable
 
-__all__ = ["COCO_CATEGORIES", "DetectionDataConfig", "CocoDetection", "coco_paths", "build_coco_dataset", "RandomHorizontalFlip",
+__all__ = ["COCO_CATEGORIES", "DetectionDataConfig", "CocoDetection", "coco_paths", "build_coco_dataset", "RandomHorizontalFlip", "LargeScaleJitter",
            "collate_detection"]
 
 #: COCO 2017's 80 object categories: (id, name), in id order (the order of the models' labels)
@@ -57,6 +57,11 @@ class DetectionDataConfig:
         train_ann, train_images, val_ann, val_images: an explicit annotation file and image folder
             per split (instead of, or overriding, the ``root`` layout).
         flip_prob: horizontal-flip probability in training (the authors': 0.5).
+        large_scale_jitter: ``[low, high]`` to train with large-scale jitter (``[0.1, 2.0]``: ViTDet's):
+            each training image is rescaled so that its longer side is a random ``low..high`` times
+            the model's input size, then cropped or padded to that square size, and the detector
+            stops resizing training images itself; ``None`` (default): the authors' single-scale
+            resize by the detector.
         limit: use only the first ``limit`` images of each split (quick runs).
     """
 
@@ -69,6 +74,7 @@ class DetectionDataConfig:
     val_ann: str | None = None
     val_images: str | None = None
     flip_prob: float = 0.5
+    large_scale_jitter: list | None = None
     limit: int | None = None
 
     def __post_init__(self) -> None:
@@ -78,6 +84,9 @@ class DetectionDataConfig:
             raise ValueError(f"data.flip_prob must be in [0, 1], got {self.flip_prob}")
         if self.limit is not None and int(self.limit) < 1:
             raise ValueError(f"data.limit must be positive or None, got {self.limit}")
+        jitter = self.large_scale_jitter
+        if jitter is not None and not (len(jitter) == 2 and 0 < float(jitter[0]) <= float(jitter[1])):
+            raise ValueError(f"data.large_scale_jitter must be [low, high] with 0 < low <= high, got {jitter!r}")
 
 
 def coco_paths(cfg: DetectionDataConfig, split: str) -> tuple[str, str]:
@@ -319,12 +328,56 @@ class RandomHorizontalFlip:
         return image.flip(-1), target
 
 
-def build_coco_dataset(cfg: DetectionDataConfig, split: str, *, masks: bool = True) -> CocoDetection:
-    """The ``split`` (``"train"``/``"val"``) of ``cfg``, with the training flip for ``"train"``."""
+class LargeScaleJitter:
+    """Rescale by a random factor so the longer side is ``low..high`` x ``size``, then crop (or pad
+    with zeros) to ``size x size``; boxes follow, masks too, and objects cropped away are dropped
+    (torchvision's ``transforms.v2`` ``ScaleJitter``, ``RandomCrop``, ``SanitizeBoundingBoxes``)."""
+
+    def __init__(self, size: int, scale_range: tuple[float, float] = (0.1, 2.0)):
+        from torchvision.transforms import v2
+
+        self.transform = v2.Compose([v2.ScaleJitter((size, size), scale_range=tuple(scale_range)),
+                                     v2.RandomCrop((size, size), pad_if_needed=True),
+                                     v2.SanitizeBoundingBoxes()])
+
+    def __call__(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+        from torchvision import tv_tensors
+
+        fields = {"boxes": tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=image.shape[-2:]),
+                  "labels": target["labels"]}
+        if "masks" in target:
+            fields["masks"] = tv_tensors.Mask(target["masks"])
+        image, fields = self.transform(tv_tensors.Image(image), fields)
+        out = {k: v.as_subclass(torch.Tensor) for k, v in fields.items()}
+        out["image_id"] = target["image_id"]
+        return image.as_subclass(torch.Tensor), out
+
+
+class _Compose:
+    def __init__(self, *transforms: Callable):
+        self.transforms = transforms
+
+    def __call__(self, image, target):
+        for transform in self.transforms:
+            image, target = transform(image, target)
+        return image, target
+
+
+def build_coco_dataset(cfg: DetectionDataConfig, split: str, *, masks: bool = True,
+                       input_size: int | None = None) -> CocoDetection:
+    """The ``split`` (``"train"``/``"val"``) of ``cfg``; training adds the flip and, with
+    ``cfg.large_scale_jitter``, large-scale jitter to ``input_size`` (the model's)."""
     ann, images = coco_paths(cfg, split)
     train = split == "train"
+    steps: list[Callable] = []
+    if train and cfg.large_scale_jitter is not None:
+        if input_size is None:
+            raise ValueError("large-scale jitter needs the model's input size")
+        steps.append(LargeScaleJitter(input_size, tuple(cfg.large_scale_jitter)))
+    if train and cfg.flip_prob > 0:
+        steps.append(RandomHorizontalFlip(cfg.flip_prob))
     return CocoDetection(ann, images, train=train, masks=masks, limit=cfg.limit,
-                         transform=RandomHorizontalFlip(cfg.flip_prob) if train and cfg.flip_prob > 0 else None)
+                         transform=_Compose(*steps) if steps else None)
 
 
 def collate_detection(batch: list) -> tuple[list[torch.Tensor], list[dict]]:

@@ -82,6 +82,8 @@ class DetectorConfig:
         score_thresh, nms_thresh, detections_per_img, mask_thresh: test-time settings.
         backbone_dtype: autocast dtype of the backbone (``"fp32"``, ``"bf16"``, ``"fp16"``); the
             neck and the heads always run in float32.
+        resize_in_training: the input transform resizes training images (``False`` when the data
+            pipeline already sized them: large-scale jitter); evaluation always resizes.
     """
 
     backbone: PIIPConfig
@@ -107,6 +109,7 @@ class DetectorConfig:
     detections_per_img: int = 100
     mask_thresh: float = 0.5
     backbone_dtype: str = "fp32"
+    resize_in_training: bool = True
 
     def __post_init__(self) -> None:
         for name in ("class_names", "category_ids", "anchor_sizes", "image_mean", "image_std"):
@@ -347,6 +350,6 @@ def _assemble(config: DetectorConfig, body: PIIP) -> PIIPDetector:
                             detections_per_img=config.detections_per_img, **mask_parts)
     min_size, max_size, divisible = config.resize
     transform = GeneralizedRCNNTransform(min_size, max_size, list(config.image_mean), list(config.image_std),
-                                         size_divisible=divisible)
+                                         size_divisible=divisible, _skip_resize=not config.resize_in_training)
     return PIIPDetector(config, backbone, rpn, roi_heads, transform)
 

@@ -43,10 +43,15 @@ class DetectionTask:
     def __init__(self, cfg):
         self.cfg = cfg
         self.head = head_settings(cfg.model.head)
+        if cfg.data.large_scale_jitter is not None:  # the data pipeline sizes the training images
+            self.head.setdefault("resize_in_training", False)
 
     def build_datasets(self, cfg) -> tuple[Dataset, Dataset | None]:
+        from ...engine.build import build_model_config
+
         masks = self.head.get("masks", True)
-        train = build_coco_dataset(cfg.data, "train", masks=masks)
+        size = build_model_config(cfg.model, "det").input_size if cfg.data.large_scale_jitter is not None else None
+        train = build_coco_dataset(cfg.data, "train", masks=masks, input_size=size)
         try:
             val = build_coco_dataset(cfg.data, "val", masks=False)
         except (FileNotFoundError, ValueError) as err:
