@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ..analysis import complexity
-from ..engine import TrainConfig, build_model_config, load_config, train
+from ..engine import TrainConfig, build_model_config, load_config
+from .runs import train_or_reuse
 
 __all__ = ["DemoResult", "demo_runs", "run_demo", "plot_accuracy_vs_macs"]
 
@@ -86,21 +87,6 @@ def _config(run: DemoRun, out_dir: Path, overrides: list[str]) -> TrainConfig:
     return cfg
 
 
-def _previous(cfg: TrainConfig) -> tuple[bool, dict | None]:
-    """``(same config, finished summary)`` of what ``cfg.run.out_dir`` already holds."""
-    folder = Path(cfg.run.out_dir)
-    try:
-        same = json.loads((folder / "config.json").read_text()) == json.loads(cfg.to_json())
-    except (OSError, json.JSONDecodeError):
-        return False, None
-    try:
-        summary = json.loads((folder / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        summary = None
-    finished = same and summary is not None and not summary.get("halted") and summary.get("eval")
-    return same, summary if finished else None
-
-
 def run_demo(out_dir: str | Path = "outputs/demo", *, epochs: int = DEMO_EPOCHS, pretrain_branches: bool = False,
              overrides: list[str] | None = None, finetune_epochs: int | None = None,
              fresh: bool = False, console: Console | None = None) -> list[DemoResult]:
@@ -116,14 +102,8 @@ def run_demo(out_dir: str | Path = "outputs/demo", *, epochs: int = DEMO_EPOCHS,
     results = []
     for run in demo_runs(pretrain_branches, finetune_epochs):
         cfg = _config(run, out, [f"optim.epochs={epochs}", *(overrides or [])])
-        same, summary = (False, None) if fresh else _previous(cfg)
-        if summary is None:
-            n = cfg.optim.epochs
-            console.rule(f"[bold]{run.label}[/]: {run.model}, {n} epoch{'s' if n != 1 else ''}")
-            # an interrupted run of the same config continues; anything else starts afresh
-            summary = train(cfg, resume="auto" if same else None)
-        else:
-            console.print(f"{run.label}: reusing the finished run in {cfg.run.out_dir}")
+        n = cfg.optim.epochs
+        summary = train_or_reuse(cfg, f"{run.label}: {run.model}, {n} epoch{'s' if n != 1 else ''}", console, fresh)
         config = build_model_config(cfg.model, "cls")  # as trained, overrides included
         counts = complexity(config, "actual")
         seconds = summary["train_time_s"]

@@ -27,8 +27,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ..analysis.actual_flops import actual_complexity
-from ..engine import TrainConfig, build_model_config, load_config, train
-from .classification import _previous
+from ..engine import build_model_config, load_config
+from .runs import pretrain_fmnist_vits, train_or_reuse
 
 __all__ = ["DetectionDemoResult", "run_detection_demo"]
 
@@ -72,29 +72,6 @@ def _scenes(out: Path, train_images: int, val_images: int, console: Console) -> 
     return root
 
 
-def _train(cfg: TrainConfig, label: str, console: Console, fresh: bool) -> dict:
-    same, summary = (False, None) if fresh else _previous(cfg)
-    if summary is not None:
-        console.print(f"{label}: reusing the finished run in {cfg.run.out_dir}")
-        return summary
-    console.rule(f"[bold]{label}[/]")
-    return train(cfg, resume="auto" if same else None)
-
-
-def _pretrain(out: Path, limit: int, console: Console, fresh: bool) -> tuple[dict, float]:
-    """The three tiny ViTs on Fashion-MNIST classification; returns their weights and the minutes spent."""
-    weights, seconds = {}, 0.0
-    for size in ("b", "s", "t"):
-        cfg = load_config("fashion_mnist", [f"model.name=vit_fmnist_{size}", "optim.epochs=1", f"data.limit={limit}",
-                                            f"run.out_dir={out / 'pretrain' / f'vit_{size}'}"])
-        summary = _train(cfg, f"pretraining ViT-{size.upper()} on Fashion-MNIST ({limit} images, 1 epoch)",
-                         console, fresh)
-        weights[size] = summary["model_path"] or str(Path(cfg.run.out_dir) / "model.safetensors")
-        seconds += summary["train_time_s"]
-        console.print(f"ViT-{size.upper()}: top-1 {summary['eval']['top1']:.1f}% on the 10k test split")
-    return weights, seconds
-
-
 def run_detection_demo(out_dir: str | Path = "outputs/demo_det", *, train_scenes: int = 400, val_scenes: int = 100,
                        pretrain_limit: int = 20000, epochs: int | None = None, overrides: list[str] | None = None,
                        fresh: bool = False, console: Console | None = None) -> list[DetectionDemoResult]:
@@ -107,7 +84,7 @@ def run_detection_demo(out_dir: str | Path = "outputs/demo_det", *, train_scenes
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     scenes = _scenes(out, train_scenes, val_scenes, console)
-    weights, pretrain_seconds = _pretrain(out, pretrain_limit, console, fresh)
+    weights, pretrain_seconds = pretrain_fmnist_vits(out, pretrain_limit, console, fresh)
     runs = [("piip", "piip_fmnist_tsb", "168/136/68", "PIIP-TSB", {"branch1": weights["b"], "branch2": weights["s"],
                                                                   "branch3": weights["t"]}),
             ("vit_b", "vit_fmnist_b", "168", "ViT-B (baseline)", {"branch1": weights["b"]})]
@@ -117,7 +94,7 @@ def run_detection_demo(out_dir: str | Path = "outputs/demo_det", *, train_scenes
                                    *(overrides or []), *([f"optim.epochs={epochs}"] if epochs else []),
                                    f"run.out_dir={out / key}"])
         cfg.model.branch_weights = branch_weights
-        summary = _train(cfg, f"{label}: Mask R-CNN on the scenes, {cfg.optim.epochs} epochs", console, fresh)
+        summary = train_or_reuse(cfg, f"{label}: Mask R-CNN on the scenes, {cfg.optim.epochs} epochs", console, fresh)
         config = build_model_config(cfg.model, "det")
         counts = actual_complexity(config, CANVAS)
         results.append(DetectionDemoResult(

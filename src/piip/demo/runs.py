@@ -1,0 +1,53 @@
+"""What every demo does with its training runs: reuse a finished run with the same config, resume an
+interrupted one, train the rest; and the ViT pretraining the dense demos start from."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+
+from ..engine import TrainConfig, load_config, train
+
+__all__ = ["previous", "train_or_reuse", "pretrain_fmnist_vits"]
+
+
+def previous(cfg: TrainConfig) -> tuple[bool, dict | None]:
+    """``(same config, finished summary)`` of what ``cfg.run.out_dir`` already holds."""
+    folder = Path(cfg.run.out_dir)
+    try:
+        same = json.loads((folder / "config.json").read_text()) == json.loads(cfg.to_json())
+    except (OSError, json.JSONDecodeError):
+        return False, None
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        summary = None
+    finished = same and summary is not None and not summary.get("halted") and summary.get("eval")
+    return same, summary if finished else None
+
+
+def train_or_reuse(cfg: TrainConfig, label: str, console: Console, fresh: bool = False) -> dict:
+    """The run's summary: reused when finished with the same config, else trained (resumed when an
+    interrupted run of the same config is there; anything else starts afresh)."""
+    same, summary = (False, None) if fresh else previous(cfg)
+    if summary is not None:
+        console.print(f"{label}: reusing the finished run in {cfg.run.out_dir}")
+        return summary
+    console.rule(f"[bold]{label}[/]")
+    return train(cfg, resume="auto" if same else None)
+
+
+def pretrain_fmnist_vits(out: Path, limit: int, console: Console, fresh: bool = False) -> tuple[dict, float]:
+    """The tiny ViT-B, -S and -T trained on ``limit`` Fashion-MNIST images for one epoch (the
+    ``fashion_mnist`` recipe): their weights by size (``"b"``, ``"s"``, ``"t"``) and the seconds spent."""
+    weights, seconds = {}, 0.0
+    for size in ("b", "s", "t"):
+        cfg = load_config("fashion_mnist", [f"model.name=vit_fmnist_{size}", "optim.epochs=1", f"data.limit={limit}",
+                                            f"run.out_dir={out / 'pretrain' / f'vit_{size}'}"])
+        summary = train_or_reuse(cfg, f"pretraining ViT-{size.upper()} on Fashion-MNIST ({limit} images, 1 epoch)",
+                                 console, fresh)
+        weights[size] = summary["model_path"] or str(Path(cfg.run.out_dir) / "model.safetensors")
+        seconds += summary["train_time_s"]
+        console.print(f"ViT-{size.upper()}: top-1 {summary['eval']['top1']:.1f}% on the 10k test split")
+    return weights, seconds
