@@ -777,7 +777,7 @@ def test_arguments_that_cannot_convert_exactly_are_refused_by_name(task, base, p
     with pytest.raises(error, match=message):
         build(kw, task)
     with pytest.raises(ValueError, match="task"):
-        build(base, "seg")
+        build(base, "segmentation")
 
 
 def test_arguments_left_out_take_their_class_defaults():

@@ -135,3 +135,24 @@ def test_detection_demo_end_to_end_on_a_few_scenes(tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("reusing the finished run") == 5 and "reusing the scenes" in out
+
+
+def test_segmentation_demo_end_to_end_on_a_few_scenes(tmp_path, capsys):
+    """`piip demo seg` on 8 scenes: pretraining, both segmenters, the table, JSON and overlays; a
+    second call reuses every finished run."""
+    argv = ["demo", "seg", "--out", str(tmp_path), "--train-scenes", "8", "--val-scenes", "2",
+            "--pretrain-limit", "256", "--epochs", "1", "optim.batch_size=2"]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["key"] for r in results["runs"]] == ["piip", "vit_b"] and results["pretrain_time_s"] > 0
+    piip_run, vit_run = results["runs"]
+    assert piip_run["backbone_macs"] < vit_run["backbone_macs"]
+    for r in results["runs"]:
+        assert 0 <= r["metrics"]["mIoU"] <= r["metrics"]["aAcc"] <= 100 and "mAcc" in r["metrics"]
+    assert (tmp_path / "predictions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "mIoU" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "scenes" / "annotations" / "validation").is_dir()  # the ADE20K layout
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("reusing the finished run") == 5 and "reusing the scenes" in out

@@ -193,7 +193,7 @@ def test_unknown_name_suggests_closest() -> None:
 
 def test_bad_task_and_overrides() -> None:
     with pytest.raises(ValueError, match="task must be"):
-        get_config("piip_tsb", task="seg")
+        get_config("piip_tsb", task="segmentation")
     with pytest.raises(ValueError, match="interaction_attn"):
         get_config("piip_tsb", interaction_attn="sparse")
     with pytest.raises(ValueError, match="single-branch"):

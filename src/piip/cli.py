@@ -19,7 +19,8 @@ console = Console(width=shutil.get_terminal_size((120, 24)).columns)
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="registered variant (see `piip list`)")
     parser.add_argument("--resolutions", help="branch resolutions, finest first, e.g. 1120/896/448")
-    parser.add_argument("--task", choices=("det", "cls"), default="det")
+    parser.add_argument("--task", choices=("det", "seg", "cls"), default="det",
+                        help="the backbone as the authors' detection, segmentation or classification code builds it")
     parser.add_argument("--interactions", type=int, help="number of evenly spaced interactions")
     parser.add_argument("--attn", choices=("deform", "regular"), help="interaction attention type")
 
@@ -125,7 +126,7 @@ def _cmd_convert(args: argparse.Namespace) -> None:
                   f"from a {summary['layout']} checkpoint) and {summary['config_json']}")
     if summary["extra"]:
         kept = ", ".join(f"{prefix} ({n})" for prefix, n in summary["extra"].items())
-        console.print(f"kept detector tensors under their own prefixes: {kept}")
+        console.print(f"kept head tensors under their own prefixes: {kept}")
     console.print(f"load it with: piip.load({summary['output']!r})")
 
 
@@ -149,11 +150,18 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     overrides = list(args.overrides)
-    task = overrides.pop(0) if overrides and overrides[0] in ("cls", "det") else "cls"
+    task = overrides.pop(0) if overrides and overrides[0] in ("cls", "det", "seg") else "cls"
+    if task == "seg":
+        from .demo.segmentation import run_segmentation_demo
+
+        run_segmentation_demo(args.out or "outputs/demo_seg", train_scenes=args.train_scenes or 600,
+                              val_scenes=args.val_scenes, pretrain_limit=args.pretrain_limit, epochs=args.epochs,
+                              overrides=overrides, fresh=args.fresh, console=console)
+        return
     if task == "det":
         from .demo.detection import run_detection_demo
 
-        run_detection_demo(args.out or "outputs/demo_det", train_scenes=args.train_scenes, val_scenes=args.val_scenes,
+        run_detection_demo(args.out or "outputs/demo_det", train_scenes=args.train_scenes or 400, val_scenes=args.val_scenes,
                            pretrain_limit=args.pretrain_limit, epochs=args.epochs, overrides=overrides,
                            fresh=args.fresh, console=console)
         return
@@ -166,15 +174,14 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval_cls(args: argparse.Namespace) -> None:
-    import torch
-
     from .data import DataConfig, resolve_data_arg
+    from .precision import autocast_dtype
     from .tasks.classification import evaluate_checkpoint
 
     dataset, root = resolve_data_arg(args.data, args.dataset)
     data = DataConfig(dataset=dataset, root=root, image_size=args.image_size, limit=args.limit,
                       crop_pct=args.crop_pct)
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    amp = autocast_dtype(args.dtype)
     metrics = evaluate_checkpoint(args.checkpoint, data, split=args.split, batch_size=args.batch_size,
                                   workers=args.workers, device=args.device, amp_dtype=amp,
                                   progress=not args.json and console.is_terminal)
@@ -196,14 +203,13 @@ def _cmd_eval_cls(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval_det(args: argparse.Namespace) -> None:
-    import torch
-
     from .data.coco import DetectionDataConfig
+    from .precision import autocast_dtype
     from .tasks.detection import evaluate_checkpoint
 
     data = DetectionDataConfig(root=args.data, val_split=args.split, val_ann=args.ann_file,
                                val_images=args.images, limit=args.limit)
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    amp = autocast_dtype(args.dtype)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                    f"eval_{os.path.basename(args.split)}")
     metrics = evaluate_checkpoint(args.checkpoint, data, batch_size=args.batch_size, workers=args.workers,
@@ -225,6 +231,37 @@ def _cmd_eval_det(args: argparse.Namespace) -> None:
     console.print(f"detections (COCO results format) and metrics in {out}")
 
 
+def _cmd_eval_seg(args: argparse.Namespace) -> None:
+    from .data.semseg import SegmentationDataConfig
+    from .precision import autocast_dtype
+    from .tasks.segmentation import evaluate_checkpoint
+
+    split = "train" if args.split == "train" else "val"
+    folder_name = {} if args.split in ("train", "val") else {"val_split": args.split}  # another folder under --data
+    data = SegmentationDataConfig(dataset=args.dataset, root=args.data, classes=args.classes,
+                                  ignore_index=args.ignore_index, limit=args.limit, **folder_name,
+                                  **{f"{split}_images": args.images, f"{split}_masks": args.masks})
+    amp = autocast_dtype(args.dtype)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_seg_{split}")
+    metrics = evaluate_checkpoint(args.checkpoint, data, split=split, device=args.device, amp_dtype=amp,
+                                  mode=args.mode, flip=args.flip, workers=args.workers, save_to=out,
+                                  progress=not args.json and console.is_terminal)
+    if args.json:
+        print(json.dumps({"checkpoint": args.checkpoint, "data": args.data, "split": args.split, "out": out,
+                          **metrics.to_dict()}))
+        return
+    console.print(f"[bold]{args.checkpoint}[/] on {args.images or args.data} ({metrics.num_images} images): "
+                  f"mIoU [bold]{metrics.mIoU:.2f}[/], mAcc {metrics.mAcc:.2f}, aAcc {metrics.aAcc:.2f}")
+    table = Table(title="per-class IoU / Acc (%)")
+    for column in ("label", "class", "IoU", "Acc"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    names = metrics.classes or [str(i) for i in range(len(metrics.per_class_iou))]
+    for i, (name, iou, acc) in enumerate(zip(names, metrics.per_class_iou, metrics.per_class_acc)):
+        table.add_row(str(i), str(name), "-" if iou is None else f"{iou:.2f}", "-" if acc is None else f"{acc:.2f}")
+    console.print(table)
+    console.print(f"metrics in {out}")
+
+
 def _cmd_predict(args: argparse.Namespace) -> None:
     from .tasks.predict import predict_files
 
@@ -237,6 +274,10 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         if "top" in pred:
             top = ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in pred["top"])
             console.print(f"{path}: {top}")
+        elif "labels_png" in pred:
+            shares = ", ".join(f"{c} {100 * share:.1f}%" for c, share in
+                               sorted(pred["classes"].items(), key=lambda item: -item[1]))
+            console.print(f"{path}: {shares}")
         else:
             found = ", ".join(f"{c} {s:.2f}" for c, s in zip(pred["classes"], pred["scores"])) or "nothing"
             console.print(f"{path}: {found}")
@@ -245,8 +286,14 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_data_scenes(args: argparse.Namespace) -> None:
-    from .data.scenes import generate_scenes
+    from .data.scenes import generate_scenes, generate_semantic_scenes
 
+    if args.semantic:
+        root = generate_semantic_scenes(args.out, train_images=args.train, val_images=args.val, seed=args.seed,
+                                        fashion_mnist_root=args.fashion_mnist, progress=console.is_terminal)
+        console.print(f"[green]wrote[/] {args.train} training and {args.val} validation scenes in the ADE20K layout "
+                      f"to {root} (data.dataset=ade20k data.root={root})")
+        return
     paths = generate_scenes(args.out, train_images=args.train, val_images=args.val, seed=args.seed,
                             fashion_mnist_root=args.fashion_mnist, progress=console.is_terminal)
     console.print(f"[green]wrote[/] {args.train} training and {args.val} validation scenes: "
@@ -292,29 +339,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("convert", help="convert an authors' PIIP checkpoint to piip's safetensors format")
-    p.add_argument("checkpoint", help="their .pth (MMDetection, DeepSpeed or classification layout)")
+    p.add_argument("checkpoint", help="their .pth (MMDetection, MMSegmentation, DeepSpeed or classification layout)")
     p.add_argument("--config", required=True,
                    help="a registered variant name, or a JSON file with the authors' backbone kwargs")
     p.add_argument("-o", "--output", required=True, help="output .safetensors path")
-    p.add_argument("--task", choices=("det", "cls"), help="default: inferred")
+    p.add_argument("--task", choices=("det", "seg", "cls"), help="default: inferred")
     p.add_argument("--ema", action="store_true", help="convert the EMA weights of a classification checkpoint")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("demo", help="train PIIP and a ViT baseline here: classification (default) or "
-                                    "detection (piip demo det) on Fashion-MNIST")
-    p.add_argument("overrides", nargs="*", metavar="[cls|det] OVERRIDE",
+    p = sub.add_parser("demo", help="train PIIP and a ViT baseline here: classification (default), "
+                                    "detection (piip demo det) or segmentation (piip demo seg) on Fashion-MNIST")
+    p.add_argument("overrides", nargs="*", metavar="[cls|det|seg] OVERRIDE",
                    help="the demo (cls, the default: Fashion-MNIST accuracy vs MACs; det: Mask R-CNN on "
-                        "Fashion-MNIST scenes), then section.field=value overrides for its runs")
+                        "Fashion-MNIST scenes; seg: UperNet on their per-pixel classes), then "
+                        "section.field=value overrides for its runs")
     p.add_argument("--out", help="folder for the runs, the results and the plots "
-                                 "(default outputs/demo, outputs/demo_det)")
+                                 "(default outputs/demo, outputs/demo_det, outputs/demo_seg)")
     p.add_argument("--epochs", type=int,
                    help="training epochs of every run (cls: default 1, `piip train cls fashion_mnist` trains 5; "
-                        "det: the scenes_det recipe's)")
-    p.add_argument("--train-scenes", type=int, default=400, help="det: training scenes")
-    p.add_argument("--val-scenes", type=int, default=100, help="det: validation scenes")
+                        "det/seg: the scenes_det/scenes_seg recipe's)")
+    p.add_argument("--train-scenes", type=int, help="det/seg: training scenes (default 400 det, 600 seg)")
+    p.add_argument("--val-scenes", type=int, default=100, help="det/seg: validation scenes")
     p.add_argument("--pretrain-limit", type=int, default=20000,
-                   help="det: Fashion-MNIST images for the one-epoch ViT pretraining")
+                   help="det/seg: Fashion-MNIST images for the one-epoch ViT pretraining")
     p.add_argument("--data", help="folder of the Fashion-MNIST IDX files (default: the Debian package's)")
     p.add_argument("--pretrain-branches", action="store_true",
                    help="also train ViT-S/T and fine-tune PIIP from the three saved ViTs (branch_weights)")
@@ -355,6 +403,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_eval_det)
+    p = tasks.add_parser("seg", help="semantic segmentation: mIoU / mAcc / aAcc and per-class IoU")
+    p.add_argument("--checkpoint", required=True, help="a piip segmenter checkpoint (.safetensors)")
+    p.add_argument("--data", help="an ADE20K-layout root: images/<split>/ and annotations/<split>/")
+    p.add_argument("--dataset", choices=("ade20k", "folder"), default="ade20k",
+                   help="ade20k: label 0 = 'other' -> ignore, the rest shifted down; folder: labels as stored")
+    p.add_argument("--split", default="val",
+                   help="'val' (ADE20K's validation/), 'train' (training/) or a folder name under --data")
+    p.add_argument("--images", help="the image folder (instead of the --data layout)")
+    p.add_argument("--masks", help="the mask folder, files named as the images (instead of the --data layout)")
+    p.add_argument("--classes", help="a text file with one class name per line (folder layout)")
+    p.add_argument("--ignore-index", type=int, default=255, help="label of pixels without a class")
+    p.add_argument("--mode", choices=("whole", "slide"), help="inference (default: the checkpoint's)")
+    p.add_argument("--flip", action="store_true", help="average with the mirrored image's prediction")
+    p.add_argument("--out", help="folder for metrics.json (default: beside the checkpoint)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_eval_seg)
 
     p = sub.add_parser("data", help="make datasets")
     kinds = p.add_subparsers(dest="kind", required=True)
@@ -364,11 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", type=int, default=200, help="validation scenes (items from Fashion-MNIST test)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fashion-mnist", help="folder of the Fashion-MNIST IDX files (default: the Debian package's)")
+    p.add_argument("--semantic", action="store_true",
+                   help="per-pixel classes in the ADE20K layout (semantic segmentation) instead of COCO instances")
     p.set_defaults(func=_cmd_data_scenes)
 
-    p = sub.add_parser("predict", help="run a checkpoint on images: drawn detections / top-5 classes + JSON")
+    p = sub.add_parser("predict", help="run a checkpoint on images: drawn detections / segmentation overlays / "
+                                       "top-5 classes + JSON")
     p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--checkpoint", required=True, help="a piip detector or classifier checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a piip detector, segmenter or classifier checkpoint")
     p.add_argument("--score-threshold", type=float, default=0.5, help="detections below are not shown")
     p.add_argument("--out", default="predictions", help="output folder (drawn images, predictions.json)")
     p.add_argument("--device", default="cpu")
@@ -376,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("train", help="train (torchrun --nproc_per_node=N -m piip train ... for DDP)")
-    p.add_argument("task", choices=task_names(), help="the task (cls: classification, det: detection)")
+    p.add_argument("task", choices=task_names(), help="the task (cls: classification, det: detection, seg: semantic segmentation)")
     p.add_argument("config", help="a JSON or YAML TrainConfig file, or a shipped config by name "
                                   "(e.g. fashion_mnist)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. optim.lr=1e-4 run.amp=bf16")

@@ -25,7 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
-__all__ = ["SCENE_BACKGROUNDS", "SCENES_VERSION", "generate_scenes", "scene_split"]
+__all__ = ["SCENE_BACKGROUNDS", "SCENES_VERSION", "generate_scenes", "generate_semantic_scenes", "scene_split"]
 
 #: changes whenever the same seed would give other scenes (stored with generated datasets)
 SCENES_VERSION = 2
@@ -173,3 +173,40 @@ def generate_scenes(out: str | os.PathLike, *, train_images: int = 800, val_imag
                                     "images": images, "annotations": annotations, "categories": categories}))
         paths[split] = str(path)
     return paths
+
+
+def generate_semantic_scenes(out: str | os.PathLike, *, train_images: int = 800, val_images: int = 200, seed: int = 0,
+                             canvas: tuple[int, int] = (168, 224), max_objects: int = 6, min_size: int = 10,
+                             max_size: int = 168, min_visible: float = 0.4, fashion_mnist_root: str | None = None,
+                             progress: bool = False) -> str:
+    """The same scenes for semantic segmentation, in the ADE20K layout: ``images/{training,validation}/
+    *.jpg``, ``annotations/{training,validation}/*.png`` and ``classes.txt``. Every pixel has a class:
+    ``background`` (0) or the Fashion-MNIST class of the item it shows (1..10). As in ADE20K's files,
+    the PNGs store class + 1 (0 would be "other", unused here), so the ADE20K reader's
+    ``reduce_zero_label`` gives the classes back. Returns ``out``."""
+    from PIL import Image
+
+    from .classification import FASHION_MNIST_CLASSES, _load_fashion_mnist, default_fashion_mnist_root
+
+    out = Path(out)
+    root = fashion_mnist_root or default_fashion_mnist_root()
+    for split, count, source, offset, folder in (("train", train_images, "train", 0, "training"),
+                                                 ("val", val_images, "val", 1, "validation")):
+        items, labels = (t.numpy() for t in _load_fashion_mnist(root, source))
+        rng = np.random.default_rng([seed, offset])
+        for kind in ("images", "annotations"):
+            (out / kind / folder).mkdir(parents=True, exist_ok=True)
+        scenes = scene_split(items, labels, _backgrounds(split), count, rng, canvas=canvas, max_objects=max_objects,
+                             min_size=min_size, max_size=max_size, min_visible=min_visible)
+        if progress:
+            from rich.progress import track
+
+            scenes = track(scenes, total=count, description=f"semantic scenes {split}")
+        for i, (image, objects) in enumerate(scenes):
+            label = np.ones(image.shape[:2], dtype=np.uint8)          # background: class 0, stored as 1
+            for obj in objects:
+                label[obj["mask"]] = obj["label"] + 2                  # item class 1..10, stored + 1
+            Image.fromarray(image).save(out / "images" / folder / f"{i:06d}.jpg", quality=95)
+            Image.fromarray(label).save(out / "annotations" / folder / f"{i:06d}.png")
+    (out / "classes.txt").write_text("\n".join(["background", *FASHION_MNIST_CLASSES]) + "\n")
+    return str(out)

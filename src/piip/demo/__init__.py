@@ -2,6 +2,7 @@
 
 ``classification`` (``piip demo``): tiny PIIP-TSB against ViT-B on Fashion-MNIST.
 ``detection`` (``piip demo det``): the same pair as Mask R-CNN backbones on Fashion-MNIST scenes.
+``segmentation`` (``piip demo seg``): the same pair under UperNet on the scenes' per-pixel classes.
 """
 from .classification import DemoResult, demo_runs, plot_accuracy_vs_macs, run_demo
 

@@ -22,8 +22,8 @@ def build_model_config(mcfg: ModelConfig, task: str = "cls", num_classes: int | 
     from ..models.config import PIIPConfig
     from ..models.registry import get_config
 
-    if mcfg.piip is not None:
-        config = PIIPConfig.from_dict({**mcfg.piip, "task": task})
+    if mcfg.piip is not None:  # an explicit network: "seg" only says it is dense
+        config = PIIPConfig.from_dict({**mcfg.piip, "task": "det" if task == "seg" else task})
         if mcfg.resolutions is not None:
             config = config.with_resolutions(mcfg.resolutions)
         if mcfg.interactions is not None:

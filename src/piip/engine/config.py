@@ -105,6 +105,8 @@ class OptimConfig:
         schedule: after the warm-up, ``"cosine"`` (to ``min_lr`` at the end), ``"step"`` (times
             ``gamma`` at each of ``milestones``, in epochs: MMDetection's 1x is ``[8, 11]`` of 12)
             or ``"poly"`` (``(1 - progress) ** power`` down to ``min_lr``: MMSegmentation's).
+        steps: total optimiser steps, for iteration-based schedules (MMSegmentation's 80k); wins
+            over ``epochs`` (the run stops mid-epoch when it reaches them).
     """
 
     optimizer: str = "adamw"
@@ -126,6 +128,7 @@ class OptimConfig:
     batch_size: int = 1024
     accum_steps: int = 1
     schedule: str = "cosine"
+    steps: int | None = None
     milestones: list = field(default_factory=list)
     gamma: float = 0.1
     power: float = 1.0

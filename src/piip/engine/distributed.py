@@ -79,6 +79,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy ``src``'s buffers (BatchNorm running statistics) to every rank, as DDP does at the start
+    of each forward: after the last training step each rank holds its own, and evaluation must
+    score the model that rank 0 saves."""
+    if is_dist():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=src)
+
+
 def gather_objects(items: list) -> list:
     """Every rank's ``items`` concatenated in rank order (on every rank; the list itself without a
     process group). Used by the tasks' evaluations through the engine."""

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 __all__ = ["ParamRule", "param_rules", "build_param_groups", "build_optimizer", "cosine_lambda",
-           "step_lambda", "poly_lambda", "build_scheduler", "layer_ids"]
+           "step_lambda", "poly_lambda", "build_scheduler", "total_steps", "layer_ids"]
 
 _BRANCH_RE = re.compile(r"(?:^|\.)branches\.(\d+)\.(.*)$")
 _EMBED_RE = re.compile(r"^(cls_token|pos_embed|patch_embed)(\.|$)")
@@ -187,12 +187,17 @@ def _with_warmup(after, warmup_steps: int, base_lr: float, warmup_lr: float):
     return fn
 
 
+def total_steps(optim_cfg, steps_per_epoch: int) -> int:
+    """The run's optimiser steps: ``optim.steps`` when set, else ``epochs x steps_per_epoch``."""
+    return max(1, optim_cfg.steps if optim_cfg.steps is not None else optim_cfg.epochs * steps_per_epoch)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, steps_per_epoch: int
                     ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-optimiser-step LambdaLR (resumable via its ``state_dict``); min/warm-up lrs scale with
     each group's multiplier. ``optim_cfg.schedule``: ``"cosine"``, ``"step"`` (``milestones`` in
     epochs) or ``"poly"``."""
-    total = max(1, optim_cfg.epochs * steps_per_epoch)
+    total = total_steps(optim_cfg, steps_per_epoch)
     warmup = (optim_cfg.warmup_steps if optim_cfg.warmup_steps is not None
               else int(round(optim_cfg.warmup_epochs * steps_per_epoch)))
     warmup = min(warmup, total)

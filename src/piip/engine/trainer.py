@@ -30,8 +30,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from . import distributed as D
 from .checkpoint import (atomic_torch_save, latest_checkpoint, load_training_checkpoint, rng_state,
                          save_training_checkpoint, set_rng_state)
+from ..precision import autocast, autocast_dtype
 from .config import TrainConfig
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, total_steps
 from .sampling import ShardSampler, SkipBatchSampler, training_batches
 
 __all__ = ["train", "build_task"]
@@ -45,17 +46,6 @@ def build_task(cfg: TrainConfig) -> Any:
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def _amp_dtype(amp: str) -> torch.dtype | None:
-    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if amp not in table:
-        raise ValueError(f"run.amp must be one of {sorted(table)}, got {amp!r}")
-    return table[amp]
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _seed_all(seed: int) -> None:
@@ -119,7 +109,7 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
     out_dir = Path(cfg.run.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     task = task or build_task(cfg)
-    amp_dtype = _amp_dtype(cfg.run.amp)
+    amp_dtype = autocast_dtype(cfg.run.amp, "run.amp")
     o = cfg.optim
 
     # resume source
@@ -160,6 +150,8 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
     # model, optimiser, schedule (same seed on every rank for the initialisation)
     _seed_all(cfg.run.seed)
     model = task.build_model(cfg, train_dataset).to(device)
+    if world > 1 and device.type == "cuda":  # SyncBatchNorm needs GPU tensors; on CPU each process keeps its own
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.run.grad_checkpointing:
         model.set_grad_checkpointing(True)
     optimizer = build_optimizer(model, o)
@@ -247,8 +239,9 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
         D.barrier()
         return path
 
-    total_steps = o.epochs * steps_per_epoch
-    progress = _Progress(main and cfg.run.progress and sys.stderr.isatty(), total_steps, step)
+    last_step = total_steps(o, steps_per_epoch)
+    num_epochs = math.ceil(last_step / steps_per_epoch)
+    progress = _Progress(main and cfg.run.progress and sys.stderr.isatty(), last_step, step)
     step_losses: dict[int, float] = {}
     last_eval: dict | None = None
     last_ckpt = None
@@ -257,7 +250,7 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
     window_t, window_images = time.perf_counter(), 0
     model.train()
     try:
-        while epoch < o.epochs and not halted:
+        while epoch < num_epochs and not halted:
             sampler.set_epoch(epoch)
             batch_sampler.skip = micro_done
             loader_gen.manual_seed(cfg.run.seed * 100_003 + epoch)
@@ -270,7 +263,7 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
                     sync = (world == 1 or a == o.accum_steps - 1
                             or not isinstance(train_model, nn.parallel.DistributedDataParallel))
                     with (contextlib.nullcontext() if sync else train_model.no_sync()):
-                        with _autocast(device, amp_dtype):
+                        with autocast(device.type, amp_dtype):
                             loss, n = task.loss(train_model, batch, device)
                         scaler.scale(loss / o.accum_steps).backward()
                     losses.append(loss.detach().float())
@@ -291,7 +284,7 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
                 step_losses[step] = loss_value
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"loss is {loss_value} at step {step}")
-                if step % cfg.run.log_every == 0 or step == total_steps:
+                if step % cfg.run.log_every == 0 or step == last_step:
                     now = time.perf_counter()
                     ips = window_images / max(now - window_t, 1e-9)
                     window_t, window_images = now, 0
@@ -304,12 +297,14 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
                 if cfg.run.halt_at_step is not None and step >= cfg.run.halt_at_step:
                     halted = True
                     break
+                if step >= last_step:  # an iteration-based schedule may end mid-epoch
+                    break
             if halted:
                 break
             epoch, micro_done = epoch + 1, 0
             del batches
             due = cfg.run.eval_every and epoch % cfg.run.eval_every == 0
-            if val_dataset is not None and (due or epoch == o.epochs):
+            if val_dataset is not None and (due or epoch == num_epochs):
                 last_eval = _evaluate(task, model, ema, val_dataset, micro, device, amp_dtype, cfg,
                                       out_dir / "eval" if main else None)
                 log({"kind": "eval", "step": step, "epoch": epoch, "train_time_s": train_time, **last_eval})
@@ -347,6 +342,7 @@ def _evaluate(task, model, ema, dataset, batch, device, amp_dtype, cfg, save_to:
     """The task's evaluation, every rank on its own shard; the task gathers through ``D.gather_objects``
     and writes its files (predictions) to ``save_to`` on the main process."""
     gen = torch.Generator().manual_seed(0)  # keep the global RNG untouched
+    D.broadcast_buffers(model)
     loader = DataLoader(dataset, batch_size=batch, sampler=ShardSampler(len(dataset), D.rank(), D.world_size()),
                         num_workers=cfg.run.num_workers, collate_fn=task.collate, generator=gen)
     was_training = model.training

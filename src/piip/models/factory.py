@@ -38,7 +38,7 @@ def create_model(
             (branch 1 is the largest model); without ``pretrained`` only these are loaded.
         checkpoint: a whole-model piip checkpoint (``piip convert`` / ``save_checkpoint``) loaded
             strictly into the built model; the overrides must describe the same network.
-        overrides: ``task="det"|"cls"``, ``resolutions=(1344, 896, 448)`` or ``"1344/896/448"``
+        overrides: ``task="det"|"seg"|"cls"``, ``resolutions=(1344, 896, 448)`` or ``"1344/896/448"``
             (finest first), ``interactions=N``, ``interaction_attn="deform"|"regular"``,
             ``num_classes=N``, and any :class:`~piip.models.config.BranchConfig` field applied to
             every branch.

@@ -78,12 +78,19 @@ def get_config(
 ) -> PIIPConfig:
     """The config of variant ``name`` with the generic overrides applied.
 
+    ``task``: ``"det"`` (the dense backbone as the authors' detection code builds it), ``"seg"``
+    (the same network as their segmentation code builds it: global attention, position embeddings
+    at the branch's resolution; see :func:`~piip.models.variants.segmentation_form`) or ``"cls"``.
     ``branch_overrides`` are :class:`~piip.models.config.BranchConfig` fields applied to every
     branch (e.g. ``drop_path_rate=0.0``).
     """
-    if task not in ("det", "cls"):
-        raise ValueError(f"task must be 'det' or 'cls', got {task!r}")
-    config = _VARIANTS[resolve_name(name)](task)
+    if task not in ("det", "seg", "cls"):
+        raise ValueError(f"task must be 'det', 'seg' or 'cls', got {task!r}")
+    config = _VARIANTS[resolve_name(name)]("cls" if task == "cls" else "det")
+    if task == "seg":
+        from .variants import segmentation_form
+
+        config = segmentation_form(config)
     if resolutions is not None:
         config = config.with_resolutions(resolutions)
     if interactions is not None:

@@ -126,6 +126,14 @@ def _cls(b: BranchConfig, drop_path_rate: float | None = None) -> BranchConfig:
     return dataclasses.replace(b, **changes)
 
 
+def segmentation_form(config: PIIPConfig) -> PIIPConfig:
+    """The dense backbone as the authors' segmentation classes build it: global attention and the
+    position embeddings stored at each branch's own grid (their MMSegmentation ViTs size them for
+    ``img_size`` and never resize them). Still ``task="det"``: the same merged map and pyramid."""
+    return dataclasses.replace(config, branches=tuple(
+        dataclasses.replace(b, window_block_indexes=(), pos_embed_at_resolution=True) for b in config.branches))
+
+
 def _model(name: str, task: str, branches: list[BranchConfig], *,
            interaction: InteractionConfig | None = None, cls_dpr: list[float] | None = None,
            **fields: Any) -> PIIPConfig:

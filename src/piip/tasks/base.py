@@ -71,7 +71,7 @@ def register_task(cls: type) -> type:
 
 
 def _ensure_loaded() -> None:
-    from . import classification, detection  # noqa: F401  (register on import)
+    from . import classification, detection, segmentation  # noqa: F401  (register on import)
 
 
 def task_names() -> list[str]:

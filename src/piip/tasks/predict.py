@@ -1,9 +1,9 @@
 """Inference for people: ``predict(model, images)`` and the files ``piip predict`` writes.
 
 Works for every kind of piip checkpoint: a detector gives boxes, class names, scores and masks; a
-classifier gives its top-5 classes. ``predict_files`` draws each image (torchvision's drawing
-utilities: boxes with "class score" labels, masks as translucent overlays) and writes one JSON of
-all predictions.
+segmenter a label map; a classifier its top-5 classes. ``predict_files`` draws each image
+(torchvision's drawing utilities: boxes with "class score" labels, masks and label maps as
+translucent overlays with a legend), writes segmenters' label PNGs and one JSON of all predictions.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-__all__ = ["predict", "predict_files", "draw_detections", "IMAGE_SUFFIXES"]
+__all__ = ["predict", "predict_files", "draw_detections", "overlay_segmentation", "legend_strip", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -59,10 +59,14 @@ def predict(model: nn.Module, images: Sequence[Any], *, score_threshold: float =
 
     Detector: per image ``boxes`` (x1 y1 x2 y2 pixels), ``labels`` (1-based), ``classes``,
     ``scores`` and, for Mask R-CNN, ``masks`` (``(N, H, W)`` bool tensor), above
-    ``score_threshold``. Classifier: per image ``top`` = the ``topk`` classes as ``{"label",
-    "class", "probability"}`` (names from ``class_names`` when given).
+    ``score_threshold``. Segmenter: per image ``labels`` (``(H, W)`` int64 class map, the model's
+    inference mode) and ``classes`` (the classes present with their share of the pixels).
+    Classifier: per image ``top`` = the ``topk`` classes as ``{"label", "class", "probability"}``
+    (names from ``class_names`` when given).
     """
     from .detection.model import PIIPDetector
+    from .segmentation.evaluation import segment
+    from .segmentation.model import PIIPSegmenter
 
     device = torch.device(device)
     was_training = model.training
@@ -81,6 +85,14 @@ def predict(model: nn.Module, images: Sequence[Any], *, score_threshold: float =
                 if "masks" in det:
                     record["masks"] = (det["masks"][keep][:, 0] > model.config.mask_thresh).cpu()
                 out.append(record)
+        elif isinstance(model, PIIPSegmenter):
+            names = class_names or model.config.class_names
+            for image in tensors:
+                labels = segment(model, image.to(device)).argmax(0).cpu()
+                counts = torch.bincount(labels.flatten(), minlength=model.config.num_classes)
+                out.append({"labels": labels, "classes": {
+                    (names[i] if names else str(i)): round(float(c) / labels.numel(), 4)
+                    for i, c in enumerate(counts.tolist()) if c}})
         elif getattr(getattr(model, "config", None), "task", None) == "cls":
             batch = torch.stack([_classifier_input(model, im) for im in tensors]).to(device)
             probs = model(batch).float().softmax(dim=-1).cpu()
@@ -109,6 +121,40 @@ def draw_detections(image: torch.Tensor, prediction: dict[str, Any]) -> torch.Te
         labels = [f"{c} {s:.2f}" for c, s in zip(prediction["classes"], prediction["scores"].tolist())]
         canvas = draw_bounding_boxes(canvas, prediction["boxes"], labels=labels, colors=colors, width=2)
     return canvas
+
+
+def _rgb(colour: str) -> tuple[int, int, int]:
+    return tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
+
+
+def overlay_segmentation(image: torch.Tensor, labels: torch.Tensor, alpha: float = 0.5,
+                         ignore_index: int = 255) -> torch.Tensor:
+    """The image (float [0, 1] or uint8) with each class's pixels tinted in its palette colour
+    (class ``i``: ``_COLORS[i % 16]``); ``ignore_index`` pixels left as they are. uint8 (3, H, W)."""
+    canvas = (image * 255).round().to(torch.uint8) if image.dtype != torch.uint8 else image.clone()
+    palette = torch.tensor([_rgb(c) for c in _COLORS], dtype=torch.float32)
+    keep = labels != ignore_index
+    colours = palette[labels.clamp(min=0) % len(_COLORS)].permute(2, 0, 1)
+    blended = (1 - alpha) * canvas.float() + alpha * colours
+    return torch.where(keep[None], blended.round(), canvas.float()).to(torch.uint8)
+
+
+def legend_strip(classes: Sequence[str], width: int, height: int = 24) -> torch.Tensor:
+    """A white strip naming every class in its palette colour: uint8 (3, rows x ``height``, ``width``)."""
+    from PIL import Image, ImageDraw
+
+    entries = [(name, _rgb(_COLORS[i % len(_COLORS)])) for i, name in enumerate(classes)]
+    per_row = max(1, width // 130)
+    rows = -(-len(entries) // per_row)
+    strip = Image.new("RGB", (width, rows * height), "white")
+    draw = ImageDraw.Draw(strip)
+    for k, (name, colour) in enumerate(entries):
+        x, y = (k % per_row) * 130 + 4, (k // per_row) * height + 4
+        draw.rectangle([x, y, x + 14, y + 14], fill=colour)
+        draw.text((x + 20, y + 2), name, fill=(0, 0, 0))
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(strip).copy()).permute(2, 0, 1)
 
 
 #: a qualitative palette (distinct, readable on photos)
@@ -149,7 +195,17 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
     for path in files:
         image = _load_image(path)
         (pred,) = predict(model, [image], score_threshold=score_threshold, class_names=names, device=device)
-        if "boxes" in pred:
+        if "top" not in pred and "boxes" not in pred:  # a segmenter: overlay + legend, and the label map
+            target = out / f"{path.stem}_seg.png"
+            overlay = overlay_segmentation(image, pred["labels"])
+            names = list(getattr(model.config, "class_names", ()) or names or
+                         [str(i) for i in range(model.config.num_classes)])
+            Image.fromarray(torch.cat([overlay, legend_strip(names, overlay.shape[-1])], dim=1)
+                            .permute(1, 2, 0).numpy()).save(target)
+            Image.fromarray(pred["labels"].to(torch.uint8).numpy()).save(out / f"{path.stem}_labels.png")
+            drawn.append(str(target))
+            pred = {"classes": pred["classes"], "labels_png": str(out / f"{path.stem}_labels.png")}
+        elif "boxes" in pred:
             target = out / f"{path.stem}_pred.png"
             Image.fromarray(draw_detections(image, pred).permute(1, 2, 0).numpy()).save(target)
             drawn.append(str(target))

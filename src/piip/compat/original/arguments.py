@@ -3,8 +3,8 @@
 This table is the audit behind :func:`piip.compat.original.to_piip_config`: for each class of the
 authors' code (OpenGVLab/PIIP @ 7a8eceb) that a backbone config can reach, every argument with the
 class's own default and how piip converts it. The converter reads the defaults from here (a key
-missing from a config takes *that class's* default; the detection and classification copies of
-``InternViT6B`` and ``vit_models`` differ) and refuses keys the class does not have. The rows are
+missing from a config takes *that class's* default; the detection, segmentation and classification
+copies of ``InternViT6B`` and ``vit_models`` differ) and refuses keys the class does not have. The rows are
 written to ``docs/original_arguments.md`` by :func:`write_argument_table`.
 
 How an argument is supported, in the ``how`` text:
@@ -306,6 +306,58 @@ _SINGLE_DET = (
        "default 1024 (the authors' Mask R-CNN baselines and their FLOP script)"),
 )
 
+# -- the MMSegmentation copies (mmsegmentation/mmseg/models/backbones/): the detection classes, except --
+
+def _edited(rows: tuple[Argument, ...], *, drop: tuple[str, ...] = (), replace: tuple[Argument, ...] = (),
+            add: tuple[Argument, ...] = ()) -> tuple[Argument, ...]:
+    """A detection class's rows as its segmentation copy has them."""
+    new = {a.name: a for a in replace}
+    return tuple(new.get(a.name, a) for a in rows if a.name not in drop) + add
+
+
+_SEG_POS = ("their segmentation classes add the position embedding without resizing it, so the branch's "
+            "input must have exactly this grid")
+_SEG_PIIP_BRANCH_KEYS = (
+    _DET_PIIP_BRANCH_KEYS[0],
+    _a("branchN.real_size", REQUIRED, "converted: `BranchConfig.resolution`; the last branch must have the "
+       "largest: their 2-branch class takes the image at branch 2's size and downscales it for branch 1"),
+)
+_PIIP_SEG_2 = (
+    *_INTERACTION,
+    _a("pretrained", None, "ignored: a whole-backbone checkpoint loaded (strict=False) at construction; "
+       "convert it with `piip convert` instead"),
+    *_SEG_PIIP_BRANCH_KEYS,
+    _a("branchN.pretrained", REQUIRED, _CLASS_BY_PATH_2),
+    _a("branchN.branchN_w_cls_token", False, _W_CLS),
+    _a("(patch size)", 16, "their 2-branch deformable inputs assume patch 16: other patch sizes refused"),
+)
+_PIIP_SEG_3 = (
+    _a("(input)", REQUIRED, "refused: their segmentation 3-branch class takes the image at *branch 2's* size, "
+       "downscales it for branch 1 and upscales it for branch 3, where piip (and their detection class) "
+       "feeds every branch from the full-size image; no 3-branch segmentation config or checkpoint was "
+       "released"),
+)
+_VIT_MODELS_SEG = _edited(
+    _VIT_MODELS_DET, drop=("cal_flops",),
+    replace=(_a("pretrain_img_size", 224, "converted: the position-embedding grid is `pretrain_img_size // "
+                "patch_size` (no class row): " + _SEG_POS + "; a branch whose size differs from it is refused "
+                "(their forward fails; `pos_embed_at_resolution=True`)"),),
+    add=(_a("img_size", 224, "ignored: only sizes the pretrained position embedding their class loads at "
+            "construction (a size other than `pretrain_img_size` makes that load fail there)"),))
+_INTERNVIT_SEG = _edited(
+    _INTERNVIT_DET, drop=("cal_flops",),
+    replace=(_a("pretrain_img_size", 224, "converted: `BranchConfig.pretrain_img_size`, the grid of the "
+                "pretrained weights (read only when loading them)"),),
+    add=(_a("img_size", 224, "converted: position-embedding grid `img_size // patch_size` with the unused class "
+            "row (`pos_embed_at_resolution=True`): " + _SEG_POS + "; it must equal the branch's `real_size` "
+            "(or the baseline's input size)"),))
+_SINGLE_SEG = (
+    _a("type", REQUIRED, "converted: 'vit_models' / 'InternViT6B' build a single-branch baseline (simple "
+       "pyramid with LayerNorm)"),
+    _a("(input size)", "img_size", "the baseline's input size is its `img_size` (their forward adds the "
+       "position embedding unresized)"),
+)
+
 #: ``(task, class) -> arguments``, the audited table.
 ARGUMENTS: dict[tuple[str, str], tuple[Argument, ...]] = {
     ("det", "PIIPTwoBranch"): _PIIP_DET_2,
@@ -314,6 +366,11 @@ ARGUMENTS: dict[tuple[str, str], tuple[Argument, ...]] = {
     ("det", "vit_models"): _VIT_MODELS_DET,
     ("det", "InternViT6B"): _INTERNVIT_DET,
     ("det", "single-branch baseline"): _SINGLE_DET,
+    ("seg", "PIIPTwoBranch"): _PIIP_SEG_2,
+    ("seg", "PIIPThreeBranch"): _PIIP_SEG_3,
+    ("seg", "vit_models"): _VIT_MODELS_SEG,
+    ("seg", "InternViT6B"): _INTERNVIT_SEG,
+    ("seg", "single-branch baseline"): _SINGLE_SEG,
     ("cls", "PIIPTwoBranch"): _PIIP_CLS,
     ("cls", "PIIPThreeBranch"): _PIIP_CLS,
     ("cls", "PIIPFourBranch"): _PIIP_CLS,
@@ -341,10 +398,11 @@ def _cell(value: Any) -> str:
 def argument_table() -> str:
     """The audit as one markdown table: argument, task, class, default, how piip supports it."""
     lines = ["| argument | task | class (authors' file) | default | supported how |", "|---|---|---|---|---|"]
-    files = {"det": "mmdetection/mmdet/models/backbones/", "cls": "classification/"}
+    files = {"det": "mmdetection/mmdet/models/backbones/", "seg": "mmsegmentation/mmseg/models/backbones/",
+             "cls": "classification/"}
     names = {"PIIPTwoBranch": "piip_2branch.py", "PIIPThreeBranch": "piip_3branch.py",
              "PIIPFourBranch": "piip_4branch.py", "vit_models": "deit.py",
-             "InternViT6B": {"det": "internvit_6b.py", "cls": "intern_vit_6b.py"},
+             "InternViT6B": {"det": "internvit_6b.py", "seg": "internvit_6b.py", "cls": "intern_vit_6b.py"},
              "single-branch baseline": "(the config's `type`)"}
     for (task, cls), args in ARGUMENTS.items():
         file = names[cls][task] if isinstance(names[cls], dict) else names[cls]
@@ -365,7 +423,8 @@ def write_argument_table(path: str | os.PathLike = "docs/original_arguments.md")
             "network; *ignored*: it cannot change what a converted checkpoint computes (the reason is given);\n"
             "*refused*: `NotImplementedError` (or `ValueError` where their class itself fails) naming the\n"
             "argument and its value. A key a config leaves out takes the default of *that* class: the\n"
-            "detection and classification copies of `vit_models` and `InternViT6B` differ.\n"
+            "detection (MMDetection), segmentation (MMSegmentation) and classification copies of\n"
+            "`vit_models` and `InternViT6B` differ.\n"
             "`branchN.<key>` rows are keys of a branch dict that the PIIP class itself reads.\n\n"
             "Generated by `piip.compat.original.arguments.write_argument_table()`; a test keeps it current.\n\n")
     path.write_text(head + argument_table())

@@ -41,9 +41,9 @@ def _unwrap_kwargs(config: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _check_task(task: str) -> str:
-    if task not in ("det", "cls"):
-        raise ValueError(f"task must be 'det' (MMDetection backbone) or 'cls' (classification model), "
-                         f"got {task!r}")
+    if task not in ("det", "seg", "cls"):
+        raise ValueError(f"task must be 'det' (MMDetection backbone), 'seg' (MMSegmentation backbone) or 'cls' "
+                         f"(classification model), got {task!r}")
     return task
 
 
@@ -64,14 +64,14 @@ def _branch_dicts(config: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def original_class(config: Mapping[str, Any], task: str) -> str:
     """The authors' class a backbone config builds: ``PIIPTwoBranch``/``PIIPThreeBranch``/
-    ``PIIPFourBranch`` (by the config's ``type`` or its branch count) or, for detection, the
-    single-branch baselines ``vit_models``/``InternViT6B``."""
+    ``PIIPFourBranch`` (by the config's ``type`` or its branch count) or, for detection and
+    segmentation, the single-branch baselines ``vit_models``/``InternViT6B``."""
     config = _unwrap_kwargs(config)
     _check_task(task)
     kind = config.get("type")
     count = len(_branch_dicts(config))
     if kind in _SINGLE_BRANCH and not count:
-        if task != "det":
+        if task == "cls":
             raise NotImplementedError(f"type={kind!r} with task='cls': piip converts the authors' "
                                       "classification PIIP classes, not single classification ViTs")
         return kind
@@ -84,6 +84,12 @@ def original_class(config: Mapping[str, Any], task: str) -> str:
     expected = _PIIP_CLASSES[count]
     if kind is not None and kind != expected:
         raise ValueError(f"type={kind!r} does not match the config's {count} branches ({expected})")
+    if task == "seg" and count == 4:
+        raise ValueError("the authors' segmentation code has no 4-branch class (PIIPFourBranch is detection only)")
+    if task == "seg" and count == 3:
+        raise NotImplementedError("the authors' segmentation PIIPThreeBranch takes the image at branch 2's size "
+                                  "and upscales it for branch 3, where piip feeds every branch from the full-size "
+                                  "image; no 3-branch segmentation config or checkpoint was released")
     return expected
 
 
@@ -116,7 +122,7 @@ def original_class_name(kwargs: Mapping[str, Any], task: str, index: int | None 
                         num_branches: int = 3) -> str:
     """Which branch class the authors' code builds from one branch's kwargs.
 
-    Detection, 2 branches: ``'deit'`` in ``pretrained`` -> ``vit_models``, anything else ->
+    Detection and segmentation, 2 branches: ``'deit'`` in ``pretrained`` -> ``vit_models``, anything else ->
     ``InternViT6B``; 3 branches: the same, with ``'beit'``/``'perceiver'``/``'convnext'`` selecting
     classes piip does not implement (``NotImplementedError``); 4 branches: always ``vit_models``.
     Classification: the branch's ``model_type``, ``"deit"`` (default) or ``"augreg"``.
@@ -135,7 +141,7 @@ def original_class_name(kwargs: Mapping[str, Any], task: str, index: int | None 
     if num_branches == 4:
         return "vit_models"
     if "pretrained" not in kwargs:
-        raise ValueError(f"{where} kwargs lack 'pretrained': the authors' detection classes choose the branch "
+        raise ValueError(f"{where} kwargs lack 'pretrained': the authors' dense classes choose the branch "
                          "class by that path ('deit' in it -> vit_models, otherwise InternViT6B)")
     pretrained = str(kwargs.get("pretrained") or "")
     if "deit" in pretrained:
@@ -160,8 +166,8 @@ def _check_known(where: str, kwargs: Mapping[str, Any], task: str, cls: str, ext
     unknown = sorted(k for k in kwargs if k not in known and k != "_built_from")
     if not unknown:
         return
-    if (task, cls) == ("det", "InternViT6B"):
-        warnings.warn(f"{where}: the authors' detection InternViT6B ignores the unknown argument(s) {unknown} "
+    if task != "cls" and cls == "InternViT6B":
+        warnings.warn(f"{where}: the authors' {task} InternViT6B ignores the unknown argument(s) {unknown} "
                       "(it swallows **kwargs); piip ignores them too", stacklevel=4)
         return
     raise ValueError(f"{where}: the authors' {cls} ({task}) has no argument(s) {unknown}: their class would "
@@ -248,9 +254,8 @@ def _branch_config(where: str, given: Mapping[str, Any], task: str, cls: str, *,
             _refuse(where, "init_scale", arch["init_scale"], "piip's layer scale needs a non-zero init "
                     "(vit_models always has gamma_1/gamma_2)")
         init_values: float | None = float(arch["init_scale"])
-        if task == "det" and arch["use_cls_token"]:
-            _refuse(where, "use_cls_token", True, "the detection vit_models only adds an unused cls_token "
-                    "parameter")
+        if task != "cls" and arch["use_cls_token"]:
+            _refuse(where, "use_cls_token", True, f"the {task} vit_models only adds an unused cls_token parameter")
         pos_class_row = False
     else:
         if arch["mlp_type"] not in ("regular", "fused_mlp"):
@@ -266,7 +271,14 @@ def _branch_config(where: str, given: Mapping[str, Any], task: str, cls: str, *,
                          "`not any(window_attn)` when use_cls_token=True")
     windows = _window_sizes(where, arch, cls, depth)
     patch = int(arch["patch_size"])
-    # the classification copies: pos_embed sized for img_size, constant drop path in both classes
+    if task == "seg":  # the position embedding is added unresized: its grid is the branch's
+        grid_size = int(arch["pretrain_img_size"] if vit else arch["img_size"])
+        if grid_size != resolution:
+            _refuse(where, "pretrain_img_size" if vit else "img_size", grid_size,
+                    f"the branch sees {resolution}-pixel images and their segmentation {cls} adds its "
+                    f"{grid_size // patch}x{grid_size // patch} position embedding without resizing it")
+    # the classification and segmentation copies: pos_embed at the branch's grid (classification:
+    # constant drop path in both classes)
     schedule = "constant" if vit or task == "cls" else "linear"
     return BranchConfig(
         embed_dim=int(arch["embed_dim"]),
@@ -276,7 +288,7 @@ def _branch_config(where: str, given: Mapping[str, Any], task: str, cls: str, *,
         interaction_indexes=groups,
         patch_size=patch,
         pretrain_img_size=int(arch["pretrain_img_size"]),
-        pos_embed_at_resolution=task == "cls",
+        pos_embed_at_resolution=task in ("cls", "seg"),
         pretrain_patch_size=int(arch["pretrain_patch_size"]) if "pretrain_patch_size" in arch else patch,
         mlp_ratio=float(arch["mlp_ratio"]),
         qkv_bias=bool(arch["qkv_bias"]),
@@ -319,12 +331,13 @@ def _interaction_config(where: str, kw: Mapping[str, Any], given: Mapping[str, A
     )
 
 
-def _baseline_config(config: Mapping[str, Any], cls: str, input_size: int | None) -> PIIPConfig:
-    """A single-branch detection baseline (``vit_models`` / ``InternViT6B`` with ``with_fpn=True``)."""
+def _baseline_config(config: Mapping[str, Any], cls: str, task: str, input_size: int | None) -> PIIPConfig:
+    """A single-branch detection or segmentation baseline (``vit_models`` / ``InternViT6B`` with
+    ``with_fpn=True``)."""
     where = f"{cls} baseline"
     given = {k: v for k, v in config.items() if k not in _MMCV_KEYS}
-    _check_known(where, given, "det", cls)
-    arch = {**class_defaults("det", cls), **given}
+    _check_known(where, given, task, cls)
+    arch = {**class_defaults(task, cls), **given}
     depth = int(arch["depth"])
     if not arch["with_fpn"]:
         _refuse(where, "with_fpn", arch["with_fpn"], "without it their class returns the raw block outputs of "
@@ -337,9 +350,15 @@ def _baseline_config(config: Mapping[str, Any], cls: str, input_size: int | None
         _refuse(where, "out_indices", arch["out_indices"], f"the pyramid must read the last block ({depth - 1})")
     if arch.get("with_final_norm"):
         _refuse(where, "with_final_norm", True, "piip's pyramid has no LayerNorm after its levels")
-    size = int(input_size or BASELINE_INPUT_SIZE)
-    branch = _branch_config(where, given, "det", cls, resolution=size, groups=(), in_piip=False)
-    return PIIPConfig(branches=(branch,), task="det", fpn_norm="layernorm", name=f"original:{cls}:det")
+    if task == "seg":  # the input size is the one the position embedding was made for
+        size = int(arch["pretrain_img_size"] if cls == "vit_models" else arch["img_size"])
+        if input_size is not None and int(input_size) != size:
+            raise ValueError(f"{where}: input_size={input_size}, but their segmentation {cls} only takes "
+                             f"{size}-pixel inputs (its position embedding is added unresized)")
+    else:
+        size = int(input_size or BASELINE_INPUT_SIZE)
+    branch = _branch_config(where, given, task, cls, resolution=size, groups=(), in_piip=False)
+    return PIIPConfig(branches=(branch,), task="det", fpn_norm="layernorm", name=f"original:{cls}:{task}")
 
 
 # -- the whole backbone ------------------------------------------------------------------------------
@@ -352,10 +371,13 @@ def to_piip_config(config: Mapping[str, Any], task: str, *, input_size: int | No
             interaction settings for ``PIIP{Two,Three,Four}Branch``, or a single-branch detection
             baseline with ``type='vit_models'`` / ``'InternViT6B'``; an MMDetection ``type`` and
             ``_delete_`` may stay in it, and a fixture JSON object with a ``"kwargs"`` field works too.
-        task: ``"det"`` (the MMDetection classes: merged map + simple pyramid) or ``"cls"`` (the
-            classification classes).
-        input_size: the input size of a single-branch baseline (its config carries none; default
-            1024, the size of the authors' Mask R-CNN baselines). PIIP configs carry their sizes.
+        task: ``"det"`` (the MMDetection classes: merged map + simple pyramid), ``"seg"`` (their
+            MMSegmentation copies: the same network with the position embeddings at the branches'
+            grids; the result is a dense ``task="det"`` config) or ``"cls"`` (the classification
+            classes).
+        input_size: the input size of a single-branch detection baseline (its config carries none;
+            default 1024, the size of the authors' Mask R-CNN baselines). PIIP configs and
+            segmentation baselines (``img_size``) carry their sizes.
 
     Every argument is converted, ignored or refused as ``docs/original_arguments.md`` lists;
     refusals raise ``NotImplementedError`` naming the argument and its value.
@@ -363,11 +385,12 @@ def to_piip_config(config: Mapping[str, Any], task: str, *, input_size: int | No
     config = _unwrap_kwargs(config)
     cls = original_class(config, task)
     if cls in _SINGLE_BRANCH:
-        return _baseline_config(config, cls, input_size)
+        return _baseline_config(config, cls, task, input_size)
     top = {k: v for k, v in config.items() if k not in _MMCV_KEYS and not re.fullmatch(r"branch\d+", k)}
     where = f"{cls} ({task})"
     _check_known(where, top, task, cls)
     kw = {**class_defaults(task, cls), **top}
+    dense = task in ("det", "seg")
     if task == "det" and kw.get("cal_flops"):
         _refuse(where, "cal_flops", True, "their forward then returns nothing after the branch merge")
     interaction = _interaction_config(where, kw, top)
@@ -377,19 +400,19 @@ def to_piip_config(config: Mapping[str, Any], task: str, *, input_size: int | No
     if cls == "PIIPThreeBranch" and task == "det" and not kw["with_simple_fpn"]:
         _refuse(where, "with_simple_fpn", False, "the regular-FPN variant with intermediate merges (the "
                 "ConvNeXt configs) is not implemented")
-    consumed = ("interaction_indexes", "real_size") if task == "det" else ("interaction_indexes", "model_type")
+    consumed = ("interaction_indexes", "real_size") if dense else ("interaction_indexes", "model_type")
     branches = []
     for i, (kwargs, branch_cls) in enumerate(zip(built, classes), start=1):
         bwhere = f"branch{i}"
         kwargs = dict(kwargs)
         w_cls_key = f"branch{i}_w_cls_token"
-        if task == "det" and cls != "PIIPFourBranch" and kwargs.pop(w_cls_key, False) and branch_cls == "vit_models":
+        if dense and cls != "PIIPFourBranch" and kwargs.pop(w_cls_key, False) and branch_cls == "vit_models":
             _refuse(bwhere, w_cls_key, True, "their code would slice a class row from a vit_models pos_embed, "
                     "which has none")
         if task == "cls" and "use_final_norm_and_head" in kwargs:
             raise ValueError(f"{bwhere}: use_final_norm_and_head is passed by the authors' PIIP class itself "
                              "(= separate_head); giving it in the branch dict fails there")
-        missing = [k for k in ("interaction_indexes", "real_size") if task == "det" and k not in kwargs] + \
+        missing = [k for k in ("interaction_indexes", "real_size") if dense and k not in kwargs] + \
             (["interaction_indexes"] if task == "cls" and "interaction_indexes" not in kwargs else [])
         if missing:
             raise ValueError(f"{bwhere} kwargs lack {missing}: the authors' {cls} requires them")
@@ -397,7 +420,7 @@ def to_piip_config(config: Mapping[str, Any], task: str, *, input_size: int | No
         _check_known(bwhere, given, task, branch_cls)
         depth = int({**class_defaults(task, branch_cls), **given}["depth"])
         groups = _groups(bwhere, kwargs["interaction_indexes"], depth)
-        resolution = int(kwargs["real_size"]) if task == "det" else \
+        resolution = int(kwargs["real_size"]) if dense else \
             int(given.get("img_size", class_defaults(task, branch_cls)["img_size"]))
         branches.append(_branch_config(bwhere, given, task, branch_cls, resolution=resolution, groups=groups,
                                        in_piip=True))
@@ -415,12 +438,12 @@ def to_piip_config(config: Mapping[str, Any], task: str, *, input_size: int | No
                          f"{counts} (their class asserts this)")
     sizes = [b.resolution for b in branches]
     if sizes[-1] != max(sizes):
-        _refuse(where, "real_size" if task == "det" else "img_size", sizes,
+        _refuse(where, "real_size" if dense else "img_size", sizes,
                 "the last branch must have the highest resolution (its input is the image itself, the "
                 "others are downscaled from it; theirs would not upscale)")
     name = f"original:{cls}:{task}"
-    if task == "det":
-        dino_without_fpn1 = kw["is_dino"] and cls != "PIIPThreeBranch"
+    if dense:
+        dino_without_fpn1 = kw.get("is_dino", False) and cls != "PIIPThreeBranch"
         return PIIPConfig(branches=tuple(branches), interaction=interaction, task="det", fpn_norm="groupnorm",
                           fpn_levels=(1, 2, 3) if dino_without_fpn1 else (0, 1, 2, 3), name=name)
     if kw["separate_head"]:
@@ -444,7 +467,7 @@ def to_piip_config(config: Mapping[str, Any], task: str, *, input_size: int | No
 def build(config: Mapping[str, Any], task: str, *, input_size: int | None = None) -> PIIP:
     """Build our :class:`PIIP` computing what the authors' backbone built from ``config`` computes.
 
-    ``model(x)`` then returns, for ``task="det"``, the simple-pyramid maps (an ``OrderedDict``
+    ``model(x)`` then returns, for ``task="det"`` and ``"seg"``, the simple-pyramid maps (an ``OrderedDict``
     ``"0".."3"`` = strides 4, 8, 16, 32, i.e. their list in order; a DINO-style 2/4-branch backbone
     (``is_dino=True``) has no stride-4 level and returns ``"1".."3"``, the 3-branch one still returns
     all four and DINO reads the last three) and, for ``task="cls"``, the logits. Load their weights

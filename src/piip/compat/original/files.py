@@ -14,6 +14,7 @@ from ...weights.checkpoint import CheckpointError, save_checkpoint
 from ...weights.io import read_torch_file, unwrap_state_dict
 from .configs import _check_task, _unwrap_kwargs, build
 from .mmdet_heads import HEAD_PREFIXES, convert_mmdet_heads, has_mask_rcnn_heads, mask_rcnn_layout
+from .mmseg_heads import SEG_HEAD_PREFIXES, convert_mmseg_heads, has_upernet_heads, upernet_layout
 from .state_dict import convert_state_dict
 
 __all__ = ["load_original_checkpoint", "convert_checkpoint"]
@@ -112,8 +113,8 @@ def _infer_task(state: Mapping[str, torch.Tensor]) -> str:
         return "det"
     if any(re.match(r"branch\d+\.head\.", k) or k.startswith(("cls_head.", "cls_norm.")) for k in keys):
         return "cls"
-    raise ValueError("cannot tell from the checkpoint whether it is a detection or a classification "
-                     "backbone; pass task='det' or task='cls'")
+    raise ValueError("cannot tell from the checkpoint whether it is a detection, segmentation or classification "
+                     "backbone; pass task='det', 'seg' or 'cls'")
 
 
 def _resolve_config(config: str | os.PathLike | Mapping[str, Any]) -> tuple[Mapping[str, Any] | None, str | None, str]:
@@ -135,9 +136,11 @@ def _resolve_config(config: str | os.PathLike | Mapping[str, Any]) -> tuple[Mapp
     kwargs = _unwrap_kwargs(data)
     if task is None:
         first = kwargs.get("branch1", {})
-        if isinstance(first, Mapping):
-            task = "cls" if "img_size" in first and "real_size" not in first else \
+        if isinstance(first, Mapping):  # the segmentation configs give their branches both sizes
+            task = ("seg" if "real_size" in first else "cls") if "img_size" in first else \
                 "det" if "real_size" in first else None
+        if "branch1" not in kwargs and "img_size" in kwargs and kwargs.get("with_fpn"):
+            task = "seg"  # a segmentation baseline is sized by img_size; the detection ones by the input
         if "separate_head" in kwargs or "use_cls_head" in kwargs:
             task = "cls"
     return kwargs, task, label
@@ -145,7 +148,8 @@ def _resolve_config(config: str | os.PathLike | Mapping[str, Any]) -> tuple[Mapp
 
 def convert_checkpoint(src_path: str | os.PathLike, config: str | os.PathLike | Mapping[str, Any],
                        out_path: str | os.PathLike, *, task: str | None = None,
-                       use_ema: bool = False, detector: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                       use_ema: bool = False, detector: Mapping[str, Any] | None = None,
+                       segmenter: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Convert one of the authors' checkpoint files to piip's safetensors format.
 
     Args:
@@ -156,19 +160,23 @@ def convert_checkpoint(src_path: str | os.PathLike, config: str | os.PathLike | 
         out_path: the ``.safetensors`` file to write (:func:`piip.weights.save_checkpoint`). An
             MMDetection Mask/Faster R-CNN file becomes a complete detector (backbone, FPN, RPN and
             RoI heads mapped onto torchvision's modules, see :mod:`.mmdet_heads`; COCO's 80 class
-            names and ids when it has 80 classes); other neck/head tensors (DINO's) are kept under
-            their own prefixes next to the backbone. The model config is also written next to it
-            as ``<out>.json``.
-        task: ``"det"`` or ``"cls"``; inferred from the config or the checkpoint when omitted.
+            names and ids when it has 80 classes); an MMSegmentation UperNet file a complete
+            segmenter (see :mod:`.mmseg_heads`; ADE20K's class names when it has 150 classes);
+            other neck/head tensors (DINO's) are kept under their own prefixes next to the
+            backbone. The model config is also written next to it as ``<out>.json``.
+        task: ``"det"``, ``"seg"`` or ``"cls"``; inferred from the checkpoint's heads, the config
+            or the backbone tensors when omitted.
         use_ema: convert a classification checkpoint's EMA weights.
         detector: :class:`~piip.tasks.detection.DetectorConfig` settings of a converted detector
             (e.g. ``{"size_divisible": 64}`` for the ViT baselines, which the authors padded to 64).
+        segmenter: :class:`~piip.tasks.segmentation.SegmenterConfig` settings of a converted
+            segmenter (the defaults are the authors' ADE20K test: slide 512 / 341 at (2048, 512)).
 
     Returns a summary dict (paths, task, layout, model kind, tensor/parameter counts, kept extra prefixes).
     """
     backbone, extra, meta = load_original_checkpoint(src_path, use_ema=use_ema)
     kwargs, task_hint, label = _resolve_config(config)
-    task = task or task_hint or _infer_task(backbone)
+    task = task or ("seg" if has_upernet_heads(extra) else None) or task_hint or _infer_task(backbone)
     _check_task(task)
     if kwargs is not None:
         model = build(kwargs, task)
@@ -200,6 +208,8 @@ def convert_checkpoint(src_path: str | os.PathLike, config: str | os.PathLike | 
     num_tensors = len(converted)
     if task == "det" and has_mask_rcnn_heads(extra):
         model, extra, num_tensors = _with_mmdet_heads(model, converted, extra, detector or {})
+    elif task == "seg" and has_upernet_heads(extra):
+        model, extra, num_tensors = _with_mmseg_heads(model, converted, extra, segmenter or {})
     out = save_checkpoint(model, out_path, extra=extra, metadata=metadata)
     # the config also travels inside the safetensors header; the sidecar is for people and tools
     config_json = os.path.splitext(os.fspath(out))[0] + ".json"
@@ -241,3 +251,19 @@ def _with_mmdet_heads(backbone: PIIP, converted: dict[str, torch.Tensor], extra:
     detector.load_state_dict(state, strict=True)
     rest = {prefix: tensors for prefix, tensors in extra.items() if prefix not in HEAD_PREFIXES}
     return detector.eval(), rest, len(state)
+
+
+def _with_mmseg_heads(backbone: PIIP, converted: dict[str, torch.Tensor], extra: dict, settings: Mapping[str, Any]):
+    """A complete segmenter from a converted backbone and MMSegmentation's UperNet + FCN heads."""
+    from ...data.semseg import ADE20K_CLASSES
+    from ...tasks.segmentation import build_segmenter
+    from ...weights.checkpoint import check_state_dict
+
+    layout = upernet_layout(extra, backbone.out_channels)
+    names = {"class_names": ADE20K_CLASSES} if layout["num_classes"] == len(ADE20K_CLASSES) else {}
+    segmenter = build_segmenter(backbone, **{**layout, **names, **settings})
+    state = {f"backbone.{k}": v for k, v in converted.items()} | convert_mmseg_heads(extra)
+    check_state_dict(state, segmenter, what="converted segmenter checkpoint")
+    segmenter.load_state_dict(state, strict=True)
+    rest = {prefix: tensors for prefix, tensors in extra.items() if prefix not in SEG_HEAD_PREFIXES}
+    return segmenter.eval(), rest, len(state)

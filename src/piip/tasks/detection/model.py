@@ -47,13 +47,11 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import _filter_input, _setup_scales
 
 from ...models.config import PIIPConfig
+from ...precision import autocast_dtype
 from ...models.piip import PIIP
 
 __all__ = ["DetectorConfig", "PIIPDetector", "DetectorBackbone", "AlignedMultiScaleRoIAlign", "build_detector",
            "build_detector_from_config"]
-
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass(frozen=True)
 class DetectorConfig:
@@ -130,9 +128,7 @@ class DetectorConfig:
             raise ValueError("the detector's FPN needs the backbone's four pyramid levels (fpn_levels=(0, 1, 2, 3))")
         if self.box_loss not in ("l1", "smooth_l1"):
             raise ValueError(f"DetectorConfig.box_loss must be 'l1' or 'smooth_l1', got {self.box_loss!r}")
-        if self.backbone_dtype not in _DTYPES:
-            raise ValueError(f"DetectorConfig.backbone_dtype must be one of {sorted(_DTYPES)}, "
-                             f"got {self.backbone_dtype!r}")
+        autocast_dtype(self.backbone_dtype, "DetectorConfig.backbone_dtype")
 
     # -- derived -----------------------------------------------------------------------------------
     @property
@@ -320,7 +316,7 @@ def _init_like_mmdet(fpn: nn.Module, box_head: TwoMLPHead, box_predictor: FastRC
 
 
 def _assemble(config: DetectorConfig, body: PIIP) -> PIIPDetector:
-    backbone = DetectorBackbone(body, config.fpn_channels, _DTYPES[config.backbone_dtype])
+    backbone = DetectorBackbone(body, config.fpn_channels, autocast_dtype(config.backbone_dtype))
     channels = config.fpn_channels
     anchors = PyramidAnchorGenerator(tuple((s,) for s in config.anchor_sizes),
                                      ((0.5, 1.0, 2.0),) * len(config.anchor_sizes), strides=(4, 8, 16, 32, 64))
