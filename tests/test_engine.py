@@ -203,6 +203,11 @@ def test_config_overrides_and_round_trip(tmp_path):
         apply_overrides(cfg, ["optim.lrr=1"])
     with pytest.raises(ValueError):
         apply_overrides(cfg, ["optim.epochs=abc"])
+    # an unset mapping field takes keys one by one; a value is not a section
+    apply_overrides(cfg, ["model.branch_weights.branch1=b.safetensors", "model.branch_weights.branch2=s.safetensors"])
+    assert cfg.model.branch_weights == {"branch1": "b.safetensors", "branch2": "s.safetensors"}
+    with pytest.raises(ValueError, match="'lr' is a value, not a section"):
+        apply_overrides(cfg, ["optim.lr.x=1"])
 
 
 # -- 2. kill and resume -------------------------------------------------------------------------

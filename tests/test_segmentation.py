@@ -103,6 +103,14 @@ def test_losses_are_mmsegs_cross_entropy_averaged_over_all_pixels():
     losses = model(images, labels)
     torch.testing.assert_close(losses["loss_decode"], nll)
     torch.testing.assert_close(losses["loss_aux"], 0.4 * aux_nll)
+    # class_weight (MMSegmentation's): each pixel's loss times its class's weight, still over all pixels
+    weighted = tiny_segmenter(num_classes=3, class_weight=(0.1, 1.0, 2.0)).eval()
+    weighted.load_state_dict(model.state_dict())
+    w = torch.tensor([0.1, 1.0, 2.0])[labels.clamp(max=2)][0]
+    nll_w = -(w * logp.gather(0, labels.clamp(max=2))[0])[keep].sum() / labels.numel()
+    torch.testing.assert_close(weighted(images, labels)["loss_decode"], nll_w)
+    with pytest.raises(ValueError, match="class_weight needs 3 non-negative weights"):
+        tiny_segmenter(num_classes=3, class_weight=(1.0, 1.0))
 
 
 # -- metrics -----------------------------------------------------------------------------------------
@@ -266,6 +274,14 @@ def test_reader_errors_name_the_files_and_values(tmp_path):
     bad[0, 0], bad[5, 5] = 9, 7
     Image.fromarray(bad).save(val_masks / "ADE_0002.png")
     with pytest.raises(DataError, match=r"ADE_0002.png' has label values \[6, 8\] beyond the 4 classes"):
+        build_segmentation_dataset(cfg, "val")[2]
+    # grey labels saved as RGB read as labels; a colour-coded mask is refused
+    Image.fromarray(np.stack([np.full((96, 128), 3, np.uint8)] * 3, axis=-1)).save(val_masks / "ADE_0002.png")
+    assert build_segmentation_dataset(cfg, "val")[2][1].unique().tolist() == [2]
+    colour = np.zeros((96, 128, 3), np.uint8)
+    colour[..., 0] = 1
+    Image.fromarray(colour).save(val_masks / "ADE_0002.png")
+    with pytest.raises(DataError, match=r"ADE_0002.png' is a colour image"):
         build_segmentation_dataset(cfg, "val")[2]
     # the folder layout needs class names; a missing folder is named
     with pytest.raises(ValueError, match="class names"):

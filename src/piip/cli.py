@@ -154,7 +154,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     if task == "seg":
         from .demo.segmentation import run_segmentation_demo
 
-        run_segmentation_demo(args.out or "outputs/demo_seg", train_scenes=args.train_scenes or 600,
+        run_segmentation_demo(args.out or "outputs/demo_seg", train_scenes=args.train_scenes or 400,
                               val_scenes=args.val_scenes, pretrain_limit=args.pretrain_limit, epochs=args.epochs,
                               overrides=overrides, fresh=args.fresh, console=console)
         return
@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int,
                    help="training epochs of every run (cls: default 1, `piip train cls fashion_mnist` trains 5; "
                         "det/seg: the scenes_det/scenes_seg recipe's)")
-    p.add_argument("--train-scenes", type=int, help="det/seg: training scenes (default 400 det, 600 seg)")
+    p.add_argument("--train-scenes", type=int, help="det/seg: training scenes (default 400)")
     p.add_argument("--val-scenes", type=int, default=100, help="det/seg: validation scenes")
     p.add_argument("--pretrain-limit", type=int, default=20000,
                    help="det/seg: Fashion-MNIST images for the one-epoch ViT pretraining")

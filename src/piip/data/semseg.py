@@ -200,7 +200,12 @@ class SegmentationFolder(SkipsUnreadable, Dataset):
         with Image.open(image_path) as img:
             image = np.asarray(img.convert("RGB"))
         with Image.open(mask_path) as m:
-            label = np.asarray(m.convert("L") if m.mode not in ("L", "P", "I;16", "I") else m).astype(np.int64)
+            label = np.asarray(m).astype(np.int64)
+        if label.ndim == 3:  # grey labels saved as RGB(A) are fine; colour-coded masks are not labels
+            if (label[..., :3] != label[..., :1]).any():
+                raise DataError(f"mask {str(mask_path)!r} is a colour image: masks must store one class "
+                                 "index per pixel (a single-channel or palette PNG)")
+            label = label[..., 0]
         if label.shape != image.shape[:2]:
             raise DataError(f"mask {str(mask_path)!r} is {label.shape[1]}x{label.shape[0]} but its image "
                              f"{str(image_path)!r} is {image.shape[1]}x{image.shape[0]}")

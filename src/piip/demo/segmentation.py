@@ -60,7 +60,7 @@ def _scenes(out: Path, train_images: int, val_images: int, console: Console) -> 
     return root
 
 
-def run_segmentation_demo(out_dir: str | Path = "outputs/demo_seg", *, train_scenes: int = 600, val_scenes: int = 100,
+def run_segmentation_demo(out_dir: str | Path = "outputs/demo_seg", *, train_scenes: int = 400, val_scenes: int = 100,
                           pretrain_limit: int = 20000, epochs: int | None = None, overrides: list[str] | None = None,
                           fresh: bool = False, console: Console | None = None) -> list[SegmentationDemoResult]:
     """Run the segmentation demo (see the module docstring); returns one result per model."""

@@ -326,9 +326,13 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str] | dict[str, str]) -> 
             if isinstance(target, dict):
                 target = target.setdefault(part, {})
             elif dataclasses.is_dataclass(target) and hasattr(target, part):
+                if getattr(target, part) is None and "dict" in str(typing.get_type_hints(type(target))[part]):
+                    setattr(target, part, {})  # an unset mapping (e.g. model.branch_weights) starts empty
                 target = getattr(target, part)
             else:
                 raise ValueError(f"unknown config key {key!r} (no section {part!r})")
+            if not (isinstance(target, dict) or dataclasses.is_dataclass(target)):
+                raise ValueError(f"config key {key!r}: {part!r} is a value, not a section")
         leaf = parts[-1]
         if isinstance(target, dict):  # free-form section: YAML-typed
             import yaml

@@ -118,6 +118,8 @@ class SegmenterConfig:
         aux_channels: the FCN auxiliary head's width (0: no auxiliary head); aux_weight: its loss weight.
         dropout: before both classifiers.
         ignore_index: label of pixels without a class.
+        class_weight: per-class weights of the cross-entropy (MMSegmentation's ``class_weight``;
+            empty: all 1), e.g. to keep a dominant background class from drowning the rest.
         image_mean, image_std: normalisation of 0-1 images.
         backbone_dtype: autocast dtype of the backbone (``"fp32"``, ``"bf16"``, ``"fp16"``): the
             authors train theirs in bf16; heads and losses always run in float32.
@@ -137,6 +139,7 @@ class SegmenterConfig:
     aux_weight: float = 0.4
     dropout: float = 0.1
     ignore_index: int = 255
+    class_weight: tuple[float, ...] = ()
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     backbone_dtype: str = "fp32"
@@ -146,7 +149,7 @@ class SegmenterConfig:
     stride: int = 341
 
     def __post_init__(self) -> None:
-        for name in ("class_names", "image_mean", "image_std") + (("test_scale",) if self.test_scale else ()):
+        for name in ("class_names", "class_weight", "image_mean", "image_std") + (("test_scale",) if self.test_scale else ()):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.test_scale is not None and (len(self.test_scale) != 2 or min(self.test_scale) < 1):
             raise ValueError(f"SegmenterConfig.test_scale must be (long, short) sizes or None, got {self.test_scale}")
@@ -159,6 +162,9 @@ class SegmenterConfig:
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ValueError(f"SegmenterConfig.class_names has {len(self.class_names)} names for "
                              f"{self.num_classes} classes")
+        if self.class_weight and (len(self.class_weight) != self.num_classes or min(self.class_weight) < 0):
+            raise ValueError(f"SegmenterConfig.class_weight needs {self.num_classes} non-negative weights, "
+                             f"got {list(self.class_weight)}")
         if self.inference not in ("slide", "whole"):
             raise ValueError(f"SegmenterConfig.inference must be 'slide' or 'whole', got {self.inference!r}")
         if not 0 < self.stride <= self.crop_size:
@@ -235,8 +241,10 @@ class PIIPSegmenter(nn.Module):
 
     def _ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = resize(logits, labels.shape[-2:])
-        loss = F.cross_entropy(logits, labels.long(), ignore_index=self.config.ignore_index, reduction="none")
-        return loss.mean()
+        weight = logits.new_tensor(self.config.class_weight) if self.config.class_weight else None
+        loss = F.cross_entropy(logits, labels.long(), weight=weight, ignore_index=self.config.ignore_index,
+                               reduction="none")
+        return loss.mean()  # MMSegmentation 0.27: weighted per-pixel losses over all pixels
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.backbone.set_grad_checkpointing(enable)
