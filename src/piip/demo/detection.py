@@ -19,7 +19,6 @@ last checkpoint, and a finished run with the same config is reused.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from rich.table import Table
 
 from ..analysis.actual_flops import actual_complexity
 from ..engine import build_model_config, load_config
-from .runs import pretrain_fmnist_vits, train_or_reuse
+from .runs import pretrain_fmnist_vits, scenes_or_reuse, train_or_reuse
 
 __all__ = ["DetectionDemoResult", "run_detection_demo"]
 
@@ -52,25 +51,6 @@ class DetectionDemoResult:
     out_dir: str
 
 
-def _scenes(out: Path, train_images: int, val_images: int, console: Console) -> Path:
-    """The scenes in ``out / "scenes"``, generated unless the same ones are already there."""
-    from ..data.scenes import SCENES_VERSION, generate_scenes
-
-    root = out / "scenes"
-    stamp = {"train": train_images, "val": val_images, "canvas": list(CANVAS), "seed": 0,
-             "generator": SCENES_VERSION}
-    marker = root / "scenes.json"
-    if marker.is_file() and json.loads(marker.read_text()) == stamp:
-        console.print(f"reusing the scenes in {root}")
-        return root
-    console.rule("[bold]Fashion-MNIST scenes[/]")
-    start = time.perf_counter()
-    generate_scenes(root, train_images=train_images, val_images=val_images, canvas=CANVAS, seed=0,
-                    progress=console.is_terminal)
-    marker.write_text(json.dumps(stamp))
-    console.print(f"{train_images} + {val_images} scenes in {time.perf_counter() - start:.0f} s")
-    return root
-
 
 def run_detection_demo(out_dir: str | Path = "outputs/demo_det", *, train_scenes: int = 400, val_scenes: int = 100,
                        pretrain_limit: int = 20000, epochs: int | None = None, overrides: list[str] | None = None,
@@ -83,7 +63,10 @@ def run_detection_demo(out_dir: str | Path = "outputs/demo_det", *, train_scenes
     console = console or Console()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    scenes = _scenes(out, train_scenes, val_scenes, console)
+    from ..data.scenes import generate_scenes
+
+    scenes = scenes_or_reuse(out / "scenes", generate_scenes, "Fashion-MNIST scenes", console, train_images=train_scenes,
+                             val_images=val_scenes, canvas=CANVAS)
     weights, pretrain_seconds = pretrain_fmnist_vits(out, pretrain_limit, console, fresh)
     runs = [("piip", "piip_fmnist_tsb", "168/136/68", "PIIP-TSB", {"branch1": weights["b"], "branch2": weights["s"],
                                                                   "branch3": weights["t"]}),

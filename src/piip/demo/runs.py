@@ -1,15 +1,18 @@
 """What every demo does with its training runs: reuse a finished run with the same config, resume an
-interrupted one, train the rest; and the ViT pretraining the dense demos start from."""
+interrupted one, train the rest; and what the dense demos share: their scenes and the ViT pretraining
+they start from."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Callable
 
 from rich.console import Console
 
 from ..engine import TrainConfig, load_config, train
 
-__all__ = ["previous", "train_or_reuse", "pretrain_fmnist_vits"]
+__all__ = ["previous", "train_or_reuse", "pretrain_fmnist_vits", "scenes_or_reuse"]
 
 
 def previous(cfg: TrainConfig) -> tuple[bool, dict | None]:
@@ -51,3 +54,22 @@ def pretrain_fmnist_vits(out: Path, limit: int, console: Console, fresh: bool = 
         seconds += summary["train_time_s"]
         console.print(f"ViT-{size.upper()}: top-1 {summary['eval']['top1']:.1f}% on the 10k test split")
     return weights, seconds
+
+
+def scenes_or_reuse(root: Path, generate: Callable, title: str, console: Console, *, train_images: int,
+                    val_images: int, canvas: tuple[int, int]) -> Path:
+    """The scenes ``generate`` writes to ``root`` (seed 0), generated unless the same ones are already there."""
+    from ..data.scenes import SCENES_VERSION
+
+    stamp = {"train": train_images, "val": val_images, "canvas": list(canvas), "seed": 0, "generator": SCENES_VERSION}
+    marker = root / "scenes.json"
+    if marker.is_file() and json.loads(marker.read_text()) == stamp:
+        console.print(f"reusing the scenes in {root}")
+        return root
+    console.rule(f"[bold]{title}[/]")
+    start = time.perf_counter()
+    generate(root, train_images=train_images, val_images=val_images, canvas=canvas, seed=0,
+             progress=console.is_terminal)
+    marker.write_text(json.dumps(stamp))
+    console.print(f"{train_images} + {val_images} scenes in {time.perf_counter() - start:.0f} s")
+    return root

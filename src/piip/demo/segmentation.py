@@ -10,7 +10,6 @@ predictions under the ground truth for a few validation scenes. Runs are reused 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from rich.table import Table
 
 from ..analysis.actual_flops import actual_complexity
 from ..engine import build_model_config, load_config
-from .runs import pretrain_fmnist_vits, train_or_reuse
+from .runs import pretrain_fmnist_vits, scenes_or_reuse, train_or_reuse
 
 __all__ = ["SegmentationDemoResult", "run_segmentation_demo"]
 
@@ -42,23 +41,6 @@ class SegmentationDemoResult:
     out_dir: str
 
 
-def _scenes(out: Path, train_images: int, val_images: int, console: Console) -> Path:
-    from ..data.scenes import SCENES_VERSION, generate_semantic_scenes
-
-    root = out / "scenes"
-    stamp = {"train": train_images, "val": val_images, "canvas": list(CANVAS), "seed": 0, "generator": SCENES_VERSION}
-    marker = root / "scenes.json"
-    if marker.is_file() and json.loads(marker.read_text()) == stamp:
-        console.print(f"reusing the scenes in {root}")
-        return root
-    console.rule("[bold]Fashion-MNIST scenes, per-pixel classes[/]")
-    start = time.perf_counter()
-    generate_semantic_scenes(root, train_images=train_images, val_images=val_images, canvas=CANVAS, seed=0,
-                             progress=console.is_terminal)
-    marker.write_text(json.dumps(stamp))
-    console.print(f"{train_images} + {val_images} scenes in {time.perf_counter() - start:.0f} s")
-    return root
-
 
 def run_segmentation_demo(out_dir: str | Path = "outputs/demo_seg", *, train_scenes: int = 400, val_scenes: int = 100,
                           pretrain_limit: int = 20000, epochs: int | None = None, overrides: list[str] | None = None,
@@ -67,7 +49,10 @@ def run_segmentation_demo(out_dir: str | Path = "outputs/demo_seg", *, train_sce
     console = console or Console()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    scenes = _scenes(out, train_scenes, val_scenes, console)
+    from ..data.scenes import generate_semantic_scenes
+
+    scenes = scenes_or_reuse(out / "scenes", generate_semantic_scenes, "Fashion-MNIST scenes, per-pixel classes", console, train_images=train_scenes,
+                             val_images=val_scenes, canvas=CANVAS)
     weights, pretrain_seconds = pretrain_fmnist_vits(out, pretrain_limit, console, fresh)
     runs = [("piip", "piip_fmnist_tsb", "168/136/68", "PIIP-TSB",
              {"branch1": weights["b"], "branch2": weights["s"], "branch3": weights["t"]}),

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["Task", "register_task", "get_task_class", "task_names"]
+__all__ = ["Task", "register_task", "get_task_class", "task_names", "head_settings", "evaluation_progress"]
 
 
 @runtime_checkable
@@ -85,3 +85,28 @@ def get_task_class(name: str) -> type:
     if name not in _TASKS:
         raise ValueError(f"unknown task {name!r}; tasks are {sorted(_TASKS)}")
     return _TASKS[name]
+
+
+def head_settings(head: dict[str, Any], config_cls: type, derived: tuple[str, ...], what: str) -> dict[str, Any]:
+    """``model.head`` of a run, checked against the fields of the task model's config ``config_cls``
+    (those in ``derived`` come from the backbone and the data, not from the run)."""
+    import dataclasses
+
+    allowed = sorted(f.name for f in dataclasses.fields(config_cls) if f.name not in derived)
+    unknown = sorted(set(head) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {what} setting(s) model.head.{unknown}; {what} settings are {allowed}")
+    return dict(head)
+
+
+def evaluation_progress(enabled: bool, total: int, label: str):
+    """A started rich progress bar over ``total`` batches (``None`` when disabled); the caller stops it."""
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   transient=True)
+    bar.add_task("", total=total)
+    bar.start()
+    return bar

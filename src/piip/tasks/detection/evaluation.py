@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..base import evaluation_progress
+
 __all__ = ["METRIC_NAMES", "detections_to_coco", "coco_metrics", "evaluate_detector", "evaluate_checkpoint"]
 
 #: COCOeval's ``stats[0:6]``
@@ -93,7 +95,7 @@ def evaluate_detector(model: nn.Module, loader: Iterable, device: str | torch.de
     model.eval()
     results, seen = [], []
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    bar = _progress(progress, len(loader))
+    bar = evaluation_progress(progress, len(loader), "eval det")
     try:
         for images, targets in loader:
             if not images:
@@ -122,17 +124,6 @@ def evaluate_detector(model: nn.Module, loader: Iterable, device: str | torch.de
         atomic_write(os.path.join(save_to, "metrics.json"), "w", lambda f: json.dump(metrics, f, indent=2))
     return metrics
 
-
-def _progress(enabled: bool, total: int):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("[bold]eval det"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   transient=True)
-    bar.add_task("", total=total)
-    bar.start()
-    return bar
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data, *, split: str = "val", batch_size: int = 2,

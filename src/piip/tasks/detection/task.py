@@ -2,31 +2,22 @@
 backbone, the detector's own losses, COCO AP for checkpoint selection."""
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ...data.coco import CocoDetection, DetectionDataConfig, build_coco_dataset, collate_detection
-from ..base import register_task
+from ..base import head_settings, register_task
 from .evaluation import check_classes, evaluate_detector
 from .model import DetectorConfig, PIIPDetector, build_detector
 
-__all__ = ["DetectionTask", "head_settings"]
+__all__ = ["DetectionTask"]
 
 #: DetectorConfig fields that come from the data or the backbone, not from ``model.head``
 _DERIVED = ("backbone", "num_classes", "class_names", "category_ids")
 
-
-def head_settings(head: dict[str, Any]) -> dict[str, Any]:
-    """``model.head`` of a run, checked against :class:`DetectorConfig`'s fields."""
-    allowed = sorted(f.name for f in dataclasses.fields(DetectorConfig) if f.name not in _DERIVED)
-    unknown = sorted(set(head) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown detector setting(s) model.head.{unknown}; detector settings are {allowed}")
-    return dict(head)
 
 
 @register_task
@@ -42,7 +33,7 @@ class DetectionTask:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.head = head_settings(cfg.model.head)
+        self.head = head_settings(cfg.model.head, DetectorConfig, _DERIVED, "detector")
         if cfg.data.large_scale_jitter is not None:  # the data pipeline sizes the training images
             self.head.setdefault("resize_in_training", False)
 

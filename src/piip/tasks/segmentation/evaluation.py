@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..base import evaluation_progress
+
 from .model import resize
 
 __all__ = ["SegmentationMetrics", "segment", "slide_windows", "area_counts", "metrics_from_areas",
@@ -121,17 +123,6 @@ def metrics_from_areas(areas: torch.Tensor, num_images: int, classes: Sequence[s
         num_images=num_images, classes=list(classes) if classes is not None else None)
 
 
-def _progress(enabled: bool, total: int):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("[bold]eval seg"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   transient=True)
-    bar.add_task("", total=total)
-    bar.start()
-    return bar
-
 
 @torch.no_grad()
 def evaluate_segmenter(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu",
@@ -150,7 +141,7 @@ def evaluate_segmenter(model: nn.Module, loader: Iterable, device: str | torch.d
     areas = torch.zeros(4, cfg.num_classes, dtype=torch.long)
     images_seen = 0
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    bar = _progress(progress, len(loader))
+    bar = evaluation_progress(progress, len(loader), "eval seg")
     try:
         for images, labels in loader:
             for image, label in zip(images, labels):

@@ -2,30 +2,21 @@
 run's piip backbone, MMSegmentation's losses, mIoU for checkpoint selection."""
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ...data.semseg import SegmentationDataConfig, build_segmentation_dataset, collate_segmentation
-from ..base import register_task
+from ..base import head_settings, register_task
 from .evaluation import evaluate_segmenter
 from .model import PIIPSegmenter, SegmenterConfig, build_segmenter
 
-__all__ = ["SegmentationTask", "head_settings"]
+__all__ = ["SegmentationTask"]
 
 _DERIVED = ("backbone", "num_classes", "class_names")
 
-
-def head_settings(head: dict[str, Any]) -> dict[str, Any]:
-    """``model.head`` of a run, checked against :class:`SegmenterConfig`'s fields."""
-    allowed = sorted(f.name for f in dataclasses.fields(SegmenterConfig) if f.name not in _DERIVED)
-    unknown = sorted(set(head) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown segmenter setting(s) model.head.{unknown}; segmenter settings are {allowed}")
-    return dict(head)
 
 
 @register_task
@@ -39,7 +30,7 @@ class SegmentationTask:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.head = head_settings(cfg.model.head)
+        self.head = head_settings(cfg.model.head, SegmenterConfig, _DERIVED, "segmenter")
 
     def build_datasets(self, cfg) -> tuple[Dataset, Dataset | None]:
         train = build_segmentation_dataset(cfg.data, "train")
