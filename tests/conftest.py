@@ -1,4 +1,5 @@
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,30 @@ def tiny_config(task: str = "det", **kw) -> PIIPConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# -- DDP on CPU (gloo): helpers for torch.multiprocessing.spawn workers -----------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_process_group(rank: int, world: int, port: int) -> None:
+    """What torchrun would set for process ``rank`` of ``world``; one thread each on the 2-core runners."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+
+
+def train_config_file(rank: int, world: int, port: int, config_path: str) -> None:
+    """A spawn worker: ``piip.engine.train`` of a run config file as process ``rank`` of ``world``."""
+    join_process_group(rank, world, port)
+    from piip.engine import load_config, train
+    from piip.engine.distributed import cleanup
+
+    try:
+        train(load_config(config_path))
+    finally:
+        cleanup()

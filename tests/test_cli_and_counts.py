@@ -51,6 +51,13 @@ def test_cli_bad_input_is_a_clear_error(argv, message, capsys):
     assert message in " ".join(capsys.readouterr().out.split())
 
 
+def test_cli_dtype_choices_are_the_autocast_table():
+    from piip.cli import DTYPES
+    from piip.precision import AUTOCAST_DTYPES
+
+    assert DTYPES == tuple(AUTOCAST_DTYPES)
+
+
 def test_console_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "piip", "flops", "vitdet_base", "--json"],
                          capture_output=True, text=True, check=True).stdout

@@ -1,7 +1,6 @@
 """Classification data (Fashion-MNIST, ImageFolder), evaluation and `piip eval cls`."""
 import json
 import math
-import os
 import warnings
 
 import pytest

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 import os
-import socket
 import warnings
 
 import numpy as np
@@ -21,7 +20,7 @@ from piip.tasks.detection import (AlignedMultiScaleRoIAlign, PIIPDetector, build
                                   detections_to_coco)
 from piip.tasks.detection.model import L1RegionProposalNetwork, L1RoIHeads
 
-from conftest import needs_fmnist, tiny_branch, tiny_config
+from conftest import free_port, needs_fmnist, tiny_branch, tiny_config, train_config_file
 
 #: small heads for CPU tests
 SMALL = dict(fpn_channels=32, box_head_dim=64, mask_head_dim=32, anchor_sizes=(16, 32, 64, 128, 256),
@@ -400,23 +399,6 @@ def test_short_training_on_generated_scenes_loss_decreases(tmp_path):
 
 # -- DDP ---------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, config_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from piip.engine import load_config, train
-    from piip.engine.distributed import cleanup
-
-    try:
-        train(load_config(config_path))
-    finally:
-        cleanup()
 
 
 def test_two_process_ddp_detector_step_equals_one_process(tmp_path):
@@ -436,7 +418,7 @@ def test_two_process_ddp_detector_step_equals_one_process(tmp_path):
         config["run"]["eval_every"] = 0
         path.write_text(json.dumps(config))
         paths[name] = path
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(paths["ddp"])), nprocs=2, join=True)
+    mp.spawn(train_config_file, args=(2, free_port(), str(paths["ddp"])), nprocs=2, join=True)
     train(load_config(paths["single"]))
     a, b = load_training_checkpoint(tmp_path / "ddp"), load_training_checkpoint(tmp_path / "single")
     assert a["world_size"] == 2 and a["step"] == b["step"] == 1

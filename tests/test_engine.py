@@ -2,8 +2,6 @@
 and a tiny end-to-end run."""
 import json
 import math
-import os
-import socket
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from piip.engine.checkpoint import latest_checkpoint, load_training_checkpoint, 
 from piip.engine.config import load_config
 from piip.engine.optim import build_scheduler
 
-from conftest import needs_fmnist
+from conftest import free_port, join_process_group, needs_fmnist
 
 NUM_CLASSES = 4
 
@@ -271,16 +269,8 @@ def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
 
 
 # -- 4. DDP (gloo, CPU) == one process with the same global batch ---------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, out_dir, overrides):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    join_process_group(rank, world, port)
     from piip.engine.distributed import cleanup
 
     try:
@@ -291,7 +281,7 @@ def _ddp_worker(rank, world, port, out_dir, overrides):
 
 def test_two_process_ddp_matches_single_process(tmp_path):
     overrides = ["optim.epochs=1", "optim.clip_grad=1.0", "aug.label_smoothing=0.1"]  # 4 steps, batch 8
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), overrides), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), overrides), nprocs=2, join=True)
     single = train(make_cfg(tmp_path / "single", *overrides), train_dataset=synthetic(32))
     ddp_state = load_training_checkpoint(tmp_path / "ddp")
     one_state = load_training_checkpoint(tmp_path / "single")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,7 +22,7 @@ from piip.data.semseg import (DataError, SegmentationDataConfig, SegmentationTra
 from piip.tasks.segmentation import (PIIPSegmenter, area_counts, build_segmenter,
                                      metrics_from_areas, segment, slide_windows)
 
-from conftest import needs_fmnist, tiny_config
+from conftest import free_port, needs_fmnist, tiny_config, train_config_file
 
 
 def tiny_segmenter(num_classes: int = 4, **settings) -> PIIPSegmenter:
@@ -449,23 +448,6 @@ def test_short_training_on_semantic_scenes_loss_decreases(tmp_path):
 
 # -- DDP ---------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, config_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from piip.engine import load_config, train
-    from piip.engine.distributed import cleanup
-
-    try:
-        train(load_config(config_path))
-    finally:
-        cleanup()
 
 
 def test_two_process_ddp_training_and_gathered_evaluation(tmp_path):
@@ -476,7 +458,7 @@ def test_two_process_ddp_training_and_gathered_evaluation(tmp_path):
 
     write_ade(tmp_path / "ade", n_train=4, n_val=3)
     path = seg_config(tmp_path / "ddp.json", tmp_path / "ade", tmp_path / "ddp", epochs=1, batch_size=4)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(path)), nprocs=2, join=True)
+    mp.spawn(train_config_file, args=(2, free_port(), str(path)), nprocs=2, join=True)
     assert load_training_checkpoint(tmp_path / "ddp")["world_size"] == 2
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["step"] == 1 and summary["eval"]["num_images"] == 3

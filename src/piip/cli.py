@@ -301,6 +301,20 @@ def _cmd_data_scenes(args: argparse.Namespace) -> None:
                   "data.train_split=train data.val_split=val)")
 
 
+#: autocast dtypes by name: the keys of piip.precision.AUTOCAST_DTYPES (not imported here: it imports
+#: torch, which the parser does not need)
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _add_eval_run_options(p: argparse.ArgumentParser) -> None:
+    """How every ``piip eval`` subcommand runs: loader workers, image limit, device, dtype, output."""
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="autocast dtype")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .tasks.base import task_names
 
@@ -322,9 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--baseline", default="vitdet_base")
     p.add_argument("--baseline-resolutions")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+    p.add_argument("--dtype", choices=DTYPES, default="fp32",
                    help="autocast dtype of the model (fp32: no autocast)")
-    p.add_argument("--baseline-dtype", choices=("fp32", "bf16", "fp16"),
+    p.add_argument("--baseline-dtype", choices=DTYPES,
                    help="dtype of the baseline (default: --dtype); e.g. --baseline NAME --dtype bf16 "
                         "--baseline-dtype fp32 measures the bf16 speed-up and error")
     p.add_argument("--batch", type=int, default=1)
@@ -383,11 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-pct", type=float, help="eval centre-crop fraction (default: 0.875 ImageFolder, "
                                                   "1.0 Fashion-MNIST)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--limit", type=int, help="only the first N images")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_eval_run_options(p)
     p.set_defaults(func=_cmd_eval_cls)
     p = tasks.add_parser("det", help="detection: COCO box and mask AP")
     p.add_argument("--checkpoint", required=True, help="a piip detector checkpoint (.safetensors)")
@@ -397,11 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="the image folder (instead of the --data layout)")
     p.add_argument("--out", help="folder for detections.json and metrics.json (default: beside the checkpoint)")
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--limit", type=int, help="only the first N images")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_eval_run_options(p)
     p.set_defaults(func=_cmd_eval_det)
     p = tasks.add_parser("seg", help="semantic segmentation: mIoU / mAcc / aAcc and per-class IoU")
     p.add_argument("--checkpoint", required=True, help="a piip segmenter checkpoint (.safetensors)")
@@ -417,11 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("whole", "slide"), help="inference (default: the checkpoint's)")
     p.add_argument("--flip", action="store_true", help="average with the mirrored image's prediction")
     p.add_argument("--out", help="folder for metrics.json (default: beside the checkpoint)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--limit", type=int, help="only the first N images")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_eval_run_options(p)
     p.set_defaults(func=_cmd_eval_seg)
 
     p = sub.add_parser("data", help="make datasets")

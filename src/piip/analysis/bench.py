@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["BenchResult", "benchmark", "compare", "time_forward"]
+from .. import precision
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["BenchResult", "benchmark", "compare", "time_forward"]
 
 #: glibc malloc settings read at process start: no mmap for large blocks, no trimming.
 CPU_MALLOC_TUNING = {
@@ -162,7 +162,7 @@ def _measure(name: str, overrides: dict, dtype: str, batch: int, repeat: int, wa
     config = model.config
     size = (config.input_size, config.input_size)
     images = torch.randn(batch, 3, *size, device=device)
-    autocast = torch.autocast(device.split(":")[0], dtype=_DTYPES[dtype], enabled=dtype != "fp32")
+    autocast = precision.autocast(device.split(":")[0], precision.autocast_dtype(dtype))
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     else:
@@ -188,8 +188,7 @@ def benchmark(name: str, *, dtype: str = "fp32", batch: int = 1, repeat: int = 3
     ``train``: time one optimiser step of a whole Mask R-CNN around the dense backbone instead of a
     forward pass (the peak memory is then the training step's; MACs stay the backbone's forward).
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    precision.autocast_dtype(dtype)  # an unknown name is refused before any work
     if batch < 1 or repeat < 1 or warmup < 0:
         raise ValueError("batch and repeat must be >= 1 and warmup >= 0")
     tuned = tune_malloc and not device.startswith("cuda")

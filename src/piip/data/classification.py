@@ -29,7 +29,6 @@ Transforms (:func:`build_transforms`):
 """
 from __future__ import annotations
 
-import bisect
 import gzip
 import logging
 import os

@@ -19,42 +19,22 @@ last checkpoint, and a finished run with the same config is reused.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from ..analysis.actual_flops import actual_complexity
-from ..engine import build_model_config, load_config
-from .runs import pretrain_fmnist_vits, scenes_or_reuse, train_or_reuse
+from .runs import SCENES_CANVAS, DenseDemoResult, run_dense_demo
 
-__all__ = ["DetectionDemoResult", "run_detection_demo"]
+__all__ = ["run_detection_demo"]
 
 RECIPE = "scenes_det"
-#: the scenes' canvas (height, width), every other scene portrait; multiples of 56 (14-token windows x patch 4)
-CANVAS = (168, 224)
-
-
-@dataclass
-class DetectionDemoResult:
-    key: str
-    label: str
-    model: str
-    resolutions: str
-    params: int
-    backbone_macs: int
-    epochs: int
-    train_time_s: float
-    images_per_s: float
-    metrics: dict
-    out_dir: str
-
 
 
 def run_detection_demo(out_dir: str | Path = "outputs/demo_det", *, train_scenes: int = 400, val_scenes: int = 100,
                        pretrain_limit: int = 20000, epochs: int | None = None, overrides: list[str] | None = None,
-                       fresh: bool = False, console: Console | None = None) -> list[DetectionDemoResult]:
+                       fresh: bool = False, console: Console | None = None) -> list[DenseDemoResult]:
     """Run the detection demo (see the module docstring); returns one result per detector.
 
     ``overrides`` (``section.field=value``) apply to both detection runs; ``epochs`` overrides the
@@ -65,26 +45,10 @@ def run_detection_demo(out_dir: str | Path = "outputs/demo_det", *, train_scenes
     out.mkdir(parents=True, exist_ok=True)
     from ..data.scenes import generate_scenes
 
-    scenes = scenes_or_reuse(out / "scenes", generate_scenes, "Fashion-MNIST scenes", console, train_images=train_scenes,
-                             val_images=val_scenes, canvas=CANVAS)
-    weights, pretrain_seconds = pretrain_fmnist_vits(out, pretrain_limit, console, fresh)
-    runs = [("piip", "piip_fmnist_tsb", "168/136/68", "PIIP-TSB", {"branch1": weights["b"], "branch2": weights["s"],
-                                                                  "branch3": weights["t"]}),
-            ("vit_b", "vit_fmnist_b", "168", "ViT-B (baseline)", {"branch1": weights["b"]})]
-    results = []
-    for key, model, resolutions, label, branch_weights in runs:
-        cfg = load_config(RECIPE, [f"model.name={model}", f"model.resolutions={resolutions}", f"data.root={scenes}",
-                                   *(overrides or []), *([f"optim.epochs={epochs}"] if epochs else []),
-                                   f"run.out_dir={out / key}"])
-        cfg.model.branch_weights = branch_weights
-        summary = train_or_reuse(cfg, f"{label}: Mask R-CNN on the scenes, {cfg.optim.epochs} epochs", console, fresh)
-        config = build_model_config(cfg.model, "det")
-        counts = actual_complexity(config, CANVAS)
-        results.append(DetectionDemoResult(
-            key=key, label=label, model=model, resolutions=resolutions, params=counts.params,
-            backbone_macs=counts.macs, epochs=cfg.optim.epochs, train_time_s=summary["train_time_s"],
-            images_per_s=summary["images_seen"] / summary["train_time_s"], metrics=summary["eval"],
-            out_dir=cfg.run.out_dir))
+    results, pretrain_seconds, scenes = run_dense_demo(
+        out, generate=generate_scenes, scenes_title="Fashion-MNIST scenes", recipe=RECIPE, task="det",
+        head="Mask R-CNN", train_scenes=train_scenes, val_scenes=val_scenes, pretrain_limit=pretrain_limit,
+        epochs=epochs, overrides=overrides, fresh=fresh, console=console)
     _report(results, pretrain_seconds, out, scenes, console)
     return results
 
@@ -92,7 +56,7 @@ def run_detection_demo(out_dir: str | Path = "outputs/demo_det", *, train_scenes
 _COLUMNS = ("bbox_AP", "bbox_AP50", "bbox_APs", "bbox_APm", "bbox_APl", "segm_AP")
 
 
-def _markdown(results: list[DetectionDemoResult], pretrain_seconds: float) -> str:
+def _markdown(results: list[DenseDemoResult], pretrain_seconds: float) -> str:
     lines = ["| backbone | resolutions | params | backbone MACs / image | train time | images/s | box AP | AP50 "
              "| APs | APm | APl | mask AP |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
@@ -105,7 +69,7 @@ def _markdown(results: list[DetectionDemoResult], pretrain_seconds: float) -> st
     return "\n".join(lines) + "\n"
 
 
-def _report(results: list[DetectionDemoResult], pretrain_seconds: float, out: Path, scenes: Path,
+def _report(results: list[DenseDemoResult], pretrain_seconds: float, out: Path, scenes: Path,
             console: Console) -> None:
     table = Table(title="Fashion-MNIST scenes, validation split (Mask R-CNN trained on this machine)")
     for column in ("backbone", "resolutions", "params (M)", "MACs (G)", "train (min)", "images/s", "box AP",
@@ -127,7 +91,7 @@ def _report(results: list[DetectionDemoResult], pretrain_seconds: float, out: Pa
     console.print(f"results: {out / 'results.json'}, {out / 'results.md'}; plots: {plot}, {drawn}")
 
 
-def _plot(results: list[DetectionDemoResult], path: Path) -> Path:
+def _plot(results: list[DenseDemoResult], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,7 +101,7 @@ def _plot(results: list[DetectionDemoResult], path: Path) -> Path:
     for r, marker in zip(results, ("*", "o")):
         left.plot(r.backbone_macs / 1e9, r.metrics["bbox_AP"], marker, markersize=14, label=f"{r.label} box")
         left.plot(r.backbone_macs / 1e9, r.metrics["segm_AP"], marker, markersize=9, alpha=0.5, label=f"{r.label} mask")
-    left.set_xlabel(f"backbone MACs per {CANVAS[0]}x{CANVAS[1]} image (G)")
+    left.set_xlabel(f"backbone MACs per {SCENES_CANVAS[0]}x{SCENES_CANVAS[1]} image (G)")
     left.set_ylabel("AP on the validation scenes")
     left.set_title("AP against compute")
     left.margins(x=0.3, y=0.3)
@@ -157,7 +121,7 @@ def _plot(results: list[DetectionDemoResult], path: Path) -> Path:
     return path
 
 
-def _draw_predictions(results: list[DetectionDemoResult], scenes: Path, path: Path, count: int = 4,
+def _draw_predictions(results: list[DenseDemoResult], scenes: Path, path: Path, count: int = 4,
                       top: int = 3) -> Path:
     """The first ``count`` validation scenes with each detector's ``top`` highest-scoring detections
     (the models are young: their scores are low), PIIP's on top, the baseline's below."""
@@ -176,7 +140,7 @@ def _draw_predictions(results: list[DetectionDemoResult], scenes: Path, path: Pa
             image = _load_image(file)
             (pred,) = predict(model, [image], score_threshold=0.0)
             pred = {k: v[:top] for k, v in pred.items()}
-            side = max(CANVAS)
+            side = max(SCENES_CANVAS)
             row.append(torch.nn.functional.pad(draw_detections(image, pred),
                                                (0, side - image.shape[-1], 0, side - image.shape[-2]), value=255))
         rows.append(torch.cat(row, dim=2))

@@ -10,71 +10,37 @@ predictions under the ground truth for a few validation scenes. Runs are reused 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from ..analysis.actual_flops import actual_complexity
-from ..engine import build_model_config, load_config
-from .runs import pretrain_fmnist_vits, scenes_or_reuse, train_or_reuse
+from .runs import SCENES_CANVAS, DenseDemoResult, run_dense_demo
 
-__all__ = ["SegmentationDemoResult", "run_segmentation_demo"]
+__all__ = ["run_segmentation_demo"]
 
 RECIPE = "scenes_seg"
-CANVAS = (168, 224)
-
-
-@dataclass
-class SegmentationDemoResult:
-    key: str
-    label: str
-    model: str
-    resolutions: str
-    params: int
-    backbone_macs: int
-    epochs: int
-    train_time_s: float
-    images_per_s: float
-    metrics: dict
-    out_dir: str
-
 
 
 def run_segmentation_demo(out_dir: str | Path = "outputs/demo_seg", *, train_scenes: int = 400, val_scenes: int = 100,
                           pretrain_limit: int = 20000, epochs: int | None = None, overrides: list[str] | None = None,
-                          fresh: bool = False, console: Console | None = None) -> list[SegmentationDemoResult]:
+                          fresh: bool = False, console: Console | None = None) -> list[DenseDemoResult]:
     """Run the segmentation demo (see the module docstring); returns one result per model."""
     console = console or Console()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     from ..data.scenes import generate_semantic_scenes
 
-    scenes = scenes_or_reuse(out / "scenes", generate_semantic_scenes, "Fashion-MNIST scenes, per-pixel classes", console, train_images=train_scenes,
-                             val_images=val_scenes, canvas=CANVAS)
-    weights, pretrain_seconds = pretrain_fmnist_vits(out, pretrain_limit, console, fresh)
-    runs = [("piip", "piip_fmnist_tsb", "168/136/68", "PIIP-TSB",
-             {"branch1": weights["b"], "branch2": weights["s"], "branch3": weights["t"]}),
-            ("vit_b", "vit_fmnist_b", "168", "ViT-B (baseline)", {"branch1": weights["b"]})]
-    results = []
-    for key, model, resolutions, label, branch_weights in runs:
-        cfg = load_config(RECIPE, [f"model.name={model}", f"model.resolutions={resolutions}", f"data.root={scenes}",
-                                   *(overrides or []), *([f"optim.epochs={epochs}"] if epochs else []),
-                                   f"run.out_dir={out / key}"])
-        cfg.model.branch_weights = branch_weights
-        summary = train_or_reuse(cfg, f"{label}: UperNet on the scenes, {cfg.optim.epochs} epochs", console, fresh)
-        counts = actual_complexity(build_model_config(cfg.model, "seg"), CANVAS)
-        results.append(SegmentationDemoResult(
-            key=key, label=label, model=model, resolutions=resolutions, params=counts.params,
-            backbone_macs=counts.macs, epochs=cfg.optim.epochs, train_time_s=summary["train_time_s"],
-            images_per_s=summary["images_seen"] / summary["train_time_s"], metrics=summary["eval"],
-            out_dir=cfg.run.out_dir))
+    results, pretrain_seconds, scenes = run_dense_demo(
+        out, generate=generate_semantic_scenes, scenes_title="Fashion-MNIST scenes, per-pixel classes",
+        recipe=RECIPE, task="seg", head="UperNet", train_scenes=train_scenes, val_scenes=val_scenes,
+        pretrain_limit=pretrain_limit, epochs=epochs, overrides=overrides, fresh=fresh, console=console)
     _report(results, pretrain_seconds, out, scenes, console)
     return results
 
 
-def _report(results: list[SegmentationDemoResult], pretrain_seconds: float, out: Path, scenes: Path,
+def _report(results: list[DenseDemoResult], pretrain_seconds: float, out: Path, scenes: Path,
             console: Console) -> None:
     table = Table(title="Fashion-MNIST scenes, validation split (UperNet trained on this machine)")
     for column in ("backbone", "resolutions", "params (M)", "MACs (G)", "train (min)", "images/s", "mIoU",
@@ -102,7 +68,7 @@ def _report(results: list[SegmentationDemoResult], pretrain_seconds: float, out:
     console.print(f"results: {out / 'results.json'}, {out / 'results.md'}; overlays: {drawn}")
 
 
-def _draw(results: list[SegmentationDemoResult], scenes: Path, path: Path, count: int = 4) -> Path:
+def _draw(results: list[DenseDemoResult], scenes: Path, path: Path, count: int = 4) -> Path:
     """Rows: ground truth, then each model's prediction, overlaid on the first ``count`` validation
     scenes, with a legend of the classes."""
     import numpy as np
@@ -114,7 +80,7 @@ def _draw(results: list[SegmentationDemoResult], scenes: Path, path: Path, count
 
     files = sorted((scenes / "images" / "validation").glob("*.jpg"))[:count]
     classes = [line for line in (scenes / "classes.txt").read_text().splitlines() if line]
-    side = max(CANVAS)
+    side = max(SCENES_CANVAS)
     images = [_load_image(file) for file in files]
     truth = [np.asarray(Image.open(scenes / "annotations" / "validation" / f"{file.stem}.png")).astype(np.int64) - 1
              for file in files]  # the PNGs store class + 1 (ADE20K's convention)

@@ -3,17 +3,21 @@
 The training engine (:func:`piip.engine.train`) knows no task. A task supplies its data, its model
 and what a batch costs; the engine owns the loop, the optimiser, distribution, checkpoints and
 logging. Rule of thumb: the engine never says "cls" or "det"; a task never touches DDP,
-checkpoints or the optimiser.
+checkpoints or the optimiser. Below the registry: what several tasks share (the ``model.head``
+check, the missing-validation fallback, fine-tuning a whole checkpointed model, the evaluation
+progress bar).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+import contextlib
+from typing import Any, Callable, ClassVar, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["Task", "register_task", "get_task_class", "task_names", "head_settings", "evaluation_progress"]
+__all__ = ["Task", "register_task", "get_task_class", "task_names", "head_settings", "evaluation_progress",
+           "optional_validation", "whole_model_checkpoint"]
 
 
 @runtime_checkable
@@ -99,14 +103,43 @@ def head_settings(head: dict[str, Any], config_cls: type, derived: tuple[str, ..
     return dict(head)
 
 
-def evaluation_progress(enabled: bool, total: int, label: str):
-    """A started rich progress bar over ``total`` batches (``None`` when disabled); the caller stops it."""
+@contextlib.contextmanager
+def evaluation_progress(enabled: bool, total: int, label: str) -> Iterator[Callable[[], None]]:
+    """A rich progress bar over ``total`` batches while the block runs; yields the function that
+    advances it by one (which does nothing when ``enabled`` is false)."""
     if not enabled:
-        return None
+        yield lambda: None
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   transient=True)
-    bar.add_task("", total=total)
-    bar.start()
-    return bar
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True) as bar:
+        task = bar.add_task("", total=total)
+        yield lambda: bar.update(task, advance=1)
+
+
+def optional_validation(build: Callable[[], Dataset], explicit: bool) -> Dataset | None:
+    """The validation dataset ``build`` returns; when the data has no validation split and the run
+    did not name one (``explicit``), ``None`` with a warning: the run trains without evaluation."""
+    try:
+        return build()
+    except (FileNotFoundError, ValueError) as err:
+        if explicit:
+            raise
+        import warnings
+
+        warnings.warn(f"no validation split ({err}); training without evaluation", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def whole_model_checkpoint(model_cfg: Any, kind: str) -> nn.Module | None:
+    """The run's ``model.checkpoint`` loaded whole, in training mode, when it holds a model of
+    ``kind`` (fine-tuning a whole detector or segmenter); ``None`` when the run builds its model (the
+    checkpoint then holds a backbone). The weight sources are checked either way."""
+    from ..models.factory import check_weight_sources
+    from ..weights.checkpoint import load_checkpoint, read_checkpoint
+
+    check_weight_sources(model_cfg.pretrained, model_cfg.branch_weights, model_cfg.checkpoint)
+    if model_cfg.checkpoint is not None and read_checkpoint(model_cfg.checkpoint)["kind"] == kind:
+        return load_checkpoint(model_cfg.checkpoint).train()
+    return None

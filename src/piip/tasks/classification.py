@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, ClassVar, Iterable, Sequence
 
@@ -13,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..data import DataConfig
+from ..precision import autocast
 from .base import register_task
 
 __all__ = ["ClassificationTask", "ClassificationMetrics", "evaluate", "evaluate_checkpoint", "accuracy_counts"]
@@ -72,8 +72,6 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, device: str |
     loss_sum = 0.0
     class_correct = torch.zeros(num_classes, dtype=torch.long)
     class_count = torch.zeros(num_classes, dtype=torch.long)
-    autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
-                else nullcontext())
     bar = None
     if progress:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -93,7 +91,7 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, device: str |
             for images, targets in loader:
                 images = images.to(device, non_blocking=True)
                 targets = torch.as_tensor(targets).to(device, non_blocking=True)
-                with autocast:
+                with autocast(device.type, amp_dtype):
                     logits = model(images)
                 logits = logits.float()
                 if logits.dim() != 2 or logits.shape[1] != num_classes:

@@ -14,13 +14,13 @@ import copy
 import io
 import json
 import os
-from contextlib import nullcontext
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ...precision import autocast
 from ..base import evaluation_progress
 
 __all__ = ["METRIC_NAMES", "detections_to_coco", "coco_metrics", "evaluate_detector", "evaluate_checkpoint"]
@@ -94,22 +94,18 @@ def evaluate_detector(model: nn.Module, loader: Iterable, device: str | torch.de
     was_training = model.training
     model.eval()
     results, seen = [], []
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    bar = evaluation_progress(progress, len(loader), "eval det")
     try:
-        for images, targets in loader:
-            if not images:
-                continue
-            with autocast:
-                outputs = model([im.to(device) for im in images])
-            for output, target in zip(outputs, targets):
-                results.extend(detections_to_coco(output, target["image_id"], category_ids, config.mask_thresh))
-                seen.append(int(target["image_id"]))
-            if bar is not None:
-                bar.update(bar.task_ids[0], advance=1)
+        with evaluation_progress(progress, len(loader), "eval det") as advance:
+            for images, targets in loader:
+                if not images:
+                    continue
+                with autocast(device.type, amp_dtype):
+                    outputs = model([im.to(device) for im in images])
+                for output, target in zip(outputs, targets):
+                    results.extend(detections_to_coco(output, target["image_id"], category_ids, config.mask_thresh))
+                    seen.append(int(target["image_id"]))
+                advance()
     finally:
-        if bar is not None:
-            bar.stop()
         model.train(was_training)
     if gather is not None:
         results, seen = gather(results), gather(seen)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,8 +47,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import _filter_input, _setup_scales
 
 from ...models.config import PIIPConfig
-from ...precision import autocast_dtype
 from ...models.piip import PIIP
+from ...precision import autocast, autocast_dtype
 
 __all__ = ["DetectorConfig", "PIIPDetector", "DetectorBackbone", "AlignedMultiScaleRoIAlign", "build_detector",
            "build_detector_from_config"]
@@ -165,7 +165,7 @@ class DetectorBackbone(nn.Module):
         self.dtype = dtype
 
     def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        with torch.autocast(images.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+        with autocast(images.device.type, self.dtype):
             features = self.body(images)
         with torch.autocast(images.device.type, enabled=False):
             return self.fpn(OrderedDict((k, v.float()) for k, v in features.items()))

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ...data.coco import CocoDetection, DetectionDataConfig, build_coco_dataset, collate_detection
-from ..base import head_settings, register_task
+from ..base import head_settings, optional_validation, register_task, whole_model_checkpoint
 from .evaluation import check_classes, evaluate_detector
 from .model import DetectorConfig, PIIPDetector, build_detector
 
@@ -17,7 +17,6 @@ __all__ = ["DetectionTask"]
 
 #: DetectorConfig fields that come from the data or the backbone, not from ``model.head``
 _DERIVED = ("backbone", "num_classes", "class_names", "category_ids")
-
 
 
 @register_task
@@ -43,15 +42,8 @@ class DetectionTask:
         masks = self.head.get("masks", True)
         size = build_model_config(cfg.model, "det").input_size if cfg.data.large_scale_jitter is not None else None
         train = build_coco_dataset(cfg.data, "train", masks=masks, input_size=size)
-        try:
-            val = build_coco_dataset(cfg.data, "val", masks=False)
-        except (FileNotFoundError, ValueError) as err:
-            if cfg.data.val_ann is not None or cfg.data.val_images is not None:
-                raise
-            import warnings
-
-            warnings.warn(f"no validation split ({err}); training without evaluation", RuntimeWarning, stacklevel=2)
-            val = None
+        val = optional_validation(lambda: build_coco_dataset(cfg.data, "val", masks=False),
+                                  explicit=cfg.data.val_ann is not None or cfg.data.val_images is not None)
         return train, val
 
     collate = staticmethod(collate_detection)
@@ -62,16 +54,12 @@ class DetectionTask:
 
     def build_model(self, cfg, train_dataset: CocoDetection) -> nn.Module:
         from ...engine.build import build_backbone
-        from ...models.factory import check_weight_sources
-        from ...weights.checkpoint import load_checkpoint, read_checkpoint
 
-        m = cfg.model
-        check_weight_sources(m.pretrained, m.branch_weights, m.checkpoint)
-        if m.checkpoint is not None and read_checkpoint(m.checkpoint)["kind"] == "detector":
-            model = load_checkpoint(m.checkpoint)  # fine-tune a whole detector
+        model = whole_model_checkpoint(cfg.model, "detector")
+        if model is not None:
             check_classes(model.config, train_dataset)
-            return model.train()
-        backbone = build_backbone(m, "det")
+            return model
+        backbone = build_backbone(cfg.model, "det")
         return build_detector(backbone, len(train_dataset.classes), class_names=train_dataset.classes,
                               category_ids=train_dataset.category_ids, **self.head)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...precision import autocast
 from ..base import evaluation_progress
 
 from .model import resize
@@ -140,20 +140,16 @@ def evaluate_segmenter(model: nn.Module, loader: Iterable, device: str | torch.d
     ignore_index = getattr(loader.dataset, "ignore_index", cfg.ignore_index)  # the labels' own convention
     areas = torch.zeros(4, cfg.num_classes, dtype=torch.long)
     images_seen = 0
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    bar = evaluation_progress(progress, len(loader), "eval seg")
     try:
-        for images, labels in loader:
-            for image, label in zip(images, labels):
-                with autocast:
-                    probs = segment(model, image.to(device), mode=mode, flip=flip)
-                areas += area_counts(probs.argmax(0).cpu(), label.cpu(), cfg.num_classes, ignore_index)
-                images_seen += 1
-            if bar is not None:
-                bar.update(bar.task_ids[0], advance=1)
+        with evaluation_progress(progress, len(loader), "eval seg") as advance:
+            for images, labels in loader:
+                for image, label in zip(images, labels):
+                    with autocast(device.type, amp_dtype):
+                        probs = segment(model, image.to(device), mode=mode, flip=flip)
+                    areas += area_counts(probs.argmax(0).cpu(), label.cpu(), cfg.num_classes, ignore_index)
+                    images_seen += 1
+                advance()
     finally:
-        if bar is not None:
-            bar.stop()
         model.train(was_training)
     if gather is not None:
         shards = gather([(areas, images_seen)])

@@ -9,14 +9,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ...data.semseg import SegmentationDataConfig, build_segmentation_dataset, collate_segmentation
-from ..base import head_settings, register_task
+from ..base import head_settings, optional_validation, register_task, whole_model_checkpoint
 from .evaluation import evaluate_segmenter
 from .model import PIIPSegmenter, SegmenterConfig, build_segmenter
 
 __all__ = ["SegmentationTask"]
 
 _DERIVED = ("backbone", "num_classes", "class_names")
-
 
 
 @register_task
@@ -34,33 +33,22 @@ class SegmentationTask:
 
     def build_datasets(self, cfg) -> tuple[Dataset, Dataset | None]:
         train = build_segmentation_dataset(cfg.data, "train")
-        try:
-            val = build_segmentation_dataset(cfg.data, "val")
-        except (FileNotFoundError, ValueError) as err:
-            if cfg.data.val_images is not None or cfg.data.val_masks is not None:
-                raise
-            import warnings
-
-            warnings.warn(f"no validation split ({err}); training without evaluation", RuntimeWarning, stacklevel=2)
-            val = None
+        val = optional_validation(lambda: build_segmentation_dataset(cfg.data, "val"),
+                                  explicit=cfg.data.val_images is not None or cfg.data.val_masks is not None)
         return train, val
 
     collate = staticmethod(collate_segmentation)
 
     def build_model(self, cfg, train_dataset) -> nn.Module:
         from ...engine.build import build_backbone
-        from ...models.factory import check_weight_sources
-        from ...weights.checkpoint import load_checkpoint, read_checkpoint
 
-        m = cfg.model
-        check_weight_sources(m.pretrained, m.branch_weights, m.checkpoint)
-        if m.checkpoint is not None and read_checkpoint(m.checkpoint)["kind"] == "segmenter":
-            model = load_checkpoint(m.checkpoint)  # fine-tune a whole segmenter
+        model = whole_model_checkpoint(cfg.model, "segmenter")
+        if model is not None:
             if model.config.num_classes != len(train_dataset.classes):
                 raise ValueError(f"class mismatch: the checkpoint's segmenter has {model.config.num_classes} classes, "
                                  f"the data {len(train_dataset.classes)}")
-            return model.train()
-        backbone = build_backbone(m, "seg")
+            return model
+        backbone = build_backbone(cfg.model, "seg")
         # test at the training scale (as MMSegmentation) and ignore what the data leaves unlabelled
         settings = {"test_scale": tuple(cfg.data.scale), "ignore_index": cfg.data.ignore_index, **self.head}
         return build_segmenter(backbone, len(train_dataset.classes), class_names=train_dataset.classes, **settings)
