@@ -38,10 +38,10 @@ class ConvFFN(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        x = self.fc1(x)
-        B, N, C = x.shape
-        x = self.dwconv(x.transpose(1, 2).reshape(B, C, *hw)).flatten(2).transpose(1, 2)
-        return self.fc2(self.act(x))
+        # The token layout (B, H*W, C) *is* a channels-last map: viewing it as one skips two copies,
+        # and the depthwise conv runs ~10x faster on CPU in channels-last than in NCHW.
+        x = self.dwconv(self.fc1(x).unflatten(1, hw).permute(0, 3, 1, 2))
+        return self.fc2(self.act(x.flatten(2).transpose(1, 2)))
 
 
 class CrossAttention(nn.Module):

@@ -144,11 +144,14 @@ class PIIP(nn.Module):
         return tokens, grids, collected
 
     def _to_maps(self, tokens: list[torch.Tensor], grids: list[tuple[int, int]]) -> list[torch.Tensor]:
-        return [x[:, b.num_prefix_tokens:].transpose(1, 2).reshape(x.shape[0], -1, *hw)
+        # Views, not copies: (B, H*W, D) tokens are a channels-last (B, D, H, W) map, the layout in
+        # which the merge and pyramid convolutions also run fastest.
+        return [x[:, b.num_prefix_tokens:].unflatten(1, hw).permute(0, 3, 1, 2)
                 for b, x, hw in zip(self.branches, tokens, grids)]
 
     def forward_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Every branch's patch tokens as ``(B, D_i, H_i, W_i)`` maps, branch 1 first."""
+        """Every branch's patch tokens as ``(B, D_i, H_i, W_i)`` maps, branch 1 first (channels-last
+        views of the tokens)."""
         return self._to_maps(*self.forward_tokens(images))
 
     def forward_intermediates(self, images: torch.Tensor, indices: int | Sequence[int] | None = None
