@@ -114,3 +114,11 @@ def test_every_linear_of_a_piip_model_is_routed_and_counted_alike():
     with torch.no_grad(), FlopCounterMode(display=False) as meta:
         meta_model(meta_x)
     assert cpu.get_total_flops() == meta.get_total_flops()
+
+
+def test_detector_heads_are_routed_too():
+    from piip.tasks.detection import build_detector
+
+    detector = build_detector(create_model("piip_fmnist_tsb", task="det"), 3)
+    assert [n for n, m in detector.named_modules() if type(m) is nn.Linear] == []
+    assert isinstance(detector.roi_heads.box_head.fc6, Linear)

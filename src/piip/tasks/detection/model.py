@@ -49,6 +49,7 @@ from torchvision.ops.poolers import _filter_input, _setup_scales
 from ...models.config import PIIPConfig
 from ...models.piip import PIIP
 from ...precision import autocast, autocast_dtype
+from ...ops import use_onednn_linears
 
 __all__ = ["DetectorConfig", "PIIPDetector", "DetectorBackbone", "AlignedMultiScaleRoIAlign", "build_detector",
            "build_detector_from_config"]
@@ -347,5 +348,5 @@ def _assemble(config: DetectorConfig, body: PIIP) -> PIIPDetector:
     min_size, max_size, divisible = config.resize
     transform = GeneralizedRCNNTransform(min_size, max_size, list(config.image_mean), list(config.image_std),
                                          size_divisible=divisible, _skip_resize=not config.resize_in_training)
-    return PIIPDetector(config, backbone, rpn, roi_heads, transform)
+    return use_onednn_linears(PIIPDetector(config, backbone, rpn, roi_heads, transform))
 
