@@ -321,3 +321,19 @@ def test_module_input_validation(corrupt, match):
     inputs = (torch.randn(2, 9, 32), reference_grid(3, 3), torch.randn(2, 25, 32), ((5, 5),))
     with pytest.raises(ValueError, match=match):
         attn(*corrupt(*inputs))
+
+
+def test_short_axis_softmax_equals_torch_softmax_values_and_gradients():
+    from piip.ops.ms_deform_attn import _softmax_last
+
+    torch.manual_seed(0)
+    x = (torch.randn(2, 50, 16, 4, dtype=torch.float64) * 30).requires_grad_()
+    grad = torch.randn(2, 50, 16, 4, dtype=torch.float64)
+    ours = _softmax_last(x)
+    (g_ours,) = torch.autograd.grad(ours, x, grad)
+    ref = x.softmax(-1)
+    (g_ref,) = torch.autograd.grad(ref, x, grad)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-10, atol=1e-13)
+    big = torch.full((1, 4), 1e4)  # no overflow: the maximum is subtracted first
+    torch.testing.assert_close(_softmax_last(big), torch.full((1, 4), 0.25))

@@ -252,6 +252,18 @@ def _ms_deform_attn_backward_flops(grad_output_shape, value_shape, spatial_shape
     return 2 * _forward_flops(value_shape, attention_weights_shape)
 
 
+def _softmax_last(x: Tensor) -> Tensor:
+    """``x.softmax(-1)`` for a short last axis (PIIP's L*P = 4 weights per head).
+
+    PyTorch's CPU softmax vectorises along the softmax axis, which at length 4 leaves most of each
+    SIMD register idle: it takes 1.5 ms on (1, 3136, 16, 4) where these four element-wise ops take
+    0.3 ms (~60 ms of a PIIP-TSB 1120 forward). The subtracted maximum is detached: softmax does not
+    depend on it, so the gradient is softmax's own.
+    """
+    e = (x - x.amax(-1, keepdim=True).detach()).exp()
+    return e / e.sum(-1, keepdim=True)
+
+
 def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor,
                    attention_weights: Tensor) -> Tensor:
     """Multi-scale deformable attention sampling.
@@ -365,7 +377,7 @@ class MSDeformAttn(nn.Module):
                        .view(n, lq, num_heads, num_levels, num_points, 2))
             logits = (self.attention_weights(q).to(precise)
                       .view(n, lq, num_heads, num_levels * num_points))
-            weights = logits.softmax(-1).view(n, lq, num_heads, num_levels, num_points)
+            weights = _softmax_last(logits).view(n, lq, num_heads, num_levels, num_points)
             if reference_points.dim() == 3:
                 reference_points = reference_points.unsqueeze(2)
             pixels_per_unit = torch.tensor([(w, h) for h, w in shapes], dtype=precise,
