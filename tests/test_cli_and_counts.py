@@ -122,3 +122,15 @@ def test_bench_measures_in_a_subprocess_and_compares(capsys):
     assert model["macs"] == expected.macs and model["params"] == expected.params
     assert ratios["macs"] == 1.0
     assert ratios["output_rel_error"] == 0.0  # same seed, same weights, same images, same dtype
+
+
+def test_bench_times_a_classifier_training_step_with_exact_memory(capsys):
+    assert main(["bench", "vit_fmnist_t", "--task", "cls", "--train", "--baseline", "vit_fmnist_s",
+                 "--batch", "8", "--repeat", "1", "--warmup", "0", "--no-tune-malloc", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    model, base = record["model"], record["baseline"]
+    assert model["mode"] == base["mode"] == "train" and not model["malloc_tuned"]
+    assert model["macs"] == actual_complexity(get_config("vit_fmnist_t", task="cls"), (28, 28)).macs
+    assert 0 < model["activation_memory_mb"] <= model["peak_memory_mb"]
+    assert record["ratios"]["macs"] < 1  # T against S
+    assert main(["bench", "vit_fmnist_t", "--task", "seg", "--train"]) == 2

@@ -77,8 +77,8 @@ def _cmd_flops(args: argparse.Namespace) -> None:
 def _cmd_bench(args: argparse.Namespace) -> None:
     from .analysis.bench import benchmark, compare
 
-    if args.train and args.task != "det":
-        raise ValueError("--train times a detector's training step: use it with --task det")
+    if args.train and args.task == "seg":
+        raise ValueError("--train times a Mask R-CNN step (--task det) or a classifier step (--task cls)")
     common = dict(batch=args.batch, repeat=args.repeat, warmup=args.warmup, device=args.device,
                   tune_malloc=not args.no_tune_malloc, train=args.train)
     with console.status(f"benchmarking {args.name} ({args.dtype}) ..."):
@@ -93,18 +93,19 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps({"model": model.to_dict(), "baseline": base.to_dict(), "ratios": ratios}))
         return
-    what = "Mask R-CNN training step" if args.train else "forward"
+    what = ("classifier training step" if args.task == "cls" else "Mask R-CNN training step") if args.train \
+        else "forward"
     table = Table(title=f"{what}, batch {args.batch}, {args.device}, median of {args.repeat}")
     for column in ("model", "dtype", "resolutions", "params (M)", "MACs (G)",
-                   "step (ms)" if args.train else "latency (ms)", "peak mem (MiB)",
+                   "step (ms)" if args.train else "latency (ms)", "peak mem (MiB)", "beyond weights (MiB)",
                    "images/s" if args.train else "GMACs/s"):
         table.add_column(column, justify="right")
     for r in (model, base):
         rate = f"{r.batch / (r.latency_ms / 1e3):.2f}" if args.train else f"{r.macs_per_s / 1e9:.1f}"
         table.add_row(r.name, r.dtype, r.resolutions, f"{r.params / 1e6:.1f}", f"{r.macs / 1e9:.1f}",
-                      f"{r.latency_ms:.0f}", f"{r.peak_memory_mb:.0f}", rate)
+                      f"{r.latency_ms:.0f}", f"{r.peak_memory_mb:.0f}", f"{r.activation_memory_mb:.0f}", rate)
     table.add_row("ratio", "", "", f"{model.params / base.params:.3f}", f"{ratios['macs']:.3f}",
-                  f"{ratios['latency']:.3f}", f"{ratios['peak_memory']:.3f}",
+                  f"{ratios['latency']:.3f}", f"{ratios['peak_memory']:.3f}", f"{ratios['activation_memory']:.3f}",
                   f"{ratios['speedup']:.3f}" if args.train else f"{ratios['macs_per_s']:.3f}")
     console.print(table)
     if "output_rel_error" in ratios:
@@ -346,9 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--train", action="store_true",
-                   help="with --task det: time one optimiser step of a whole Mask R-CNN around each backbone")
+                   help="time one optimiser step instead of a forward: a whole Mask R-CNN around each "
+                        "backbone (--task det), the classifier with cross-entropy (--task cls)")
     p.add_argument("--no-tune-malloc", action="store_true",
-                   help="run with glibc's default allocator settings (see piip.analysis.bench)")
+                   help="measure memory: glibc maps every block over 128 KiB alone and returns it at free, so "
+                        "the resident set follows the live tensors (see piip.analysis.bench)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_bench)
 

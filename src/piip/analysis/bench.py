@@ -1,17 +1,25 @@
 """Side-by-side benchmarks: forward latency, peak memory and achieved MACs/s of a backbone, or
-(``train=True``) one optimiser step of a whole Mask R-CNN around it.
+(``train=True``) one optimiser step of the whole model around it: a Mask R-CNN for dense backbones,
+the classifier itself (cross-entropy) for ``task="cls"``.
 
 Each model is measured in a fresh subprocess, so peak memory is that model's alone: on CPU it is the
-process's peak resident set during the forward passes (Linux ``VmHWM``, reset just before) minus
-the resident set before the model was built, i.e. weights plus activations; on CUDA it is
-``torch.cuda.max_memory_allocated``.
+process's peak resident set during the measured passes (Linux ``VmHWM``, reset just before) minus
+the resident set before the model was built, i.e. weights plus activations (``peak_memory_mb``),
+and the same peak minus the resident set just before the passes, i.e. what the passes add to the
+weights and inputs (``activation_memory_mb``; for a training step this includes the gradients and
+the optimiser state); on CUDA both come from ``torch.cuda.max_memory_allocated``.
 
-On CPU the subprocess runs by default with glibc's allocator told to keep freed memory
-(:data:`CPU_MALLOC_TUNING`): by default every block over 32 MiB is a fresh ``mmap`` whose pages
-fault in again on each forward, which costs PIIP (many large short-lived maps: the stride-4 pyramid,
-the merge) ~25% of its latency on a 2-core VM and ViT-B ~13%. It is the usual CPU-inference setting
-(as are jemalloc/tcmalloc); export the same variables to get the same speed in your own process.
-Retained free memory then counts in the resident set, so measure memory with ``tune_malloc=False``.
+The CPU allocator decides much of both the speed and the resident set, so the subprocess starts
+with one of two glibc settings:
+
+* ``tune_malloc=True`` (speed, the default), :data:`CPU_MALLOC_TUNING`: keep freed memory. By
+  default every block over 32 MiB is a fresh ``mmap`` whose pages fault in again on each forward,
+  which costs PIIP (many large short-lived maps: the stride-4 pyramid, the merge) ~25% of its
+  latency on a 2-core VM and ViT-B ~13%. It is the usual CPU-inference setting (as are
+  jemalloc/tcmalloc); export the same variables to get the same speed in your own process.
+* ``tune_malloc=False`` (memory), :data:`CPU_MALLOC_EXACT`: every block over 128 KiB is its own
+  mapping, returned at ``free``, so the resident set follows the live tensors instead of whatever
+  the heap happens to retain, and memory figures repeat from run to run.
 """
 from __future__ import annotations
 
@@ -34,6 +42,9 @@ CPU_MALLOC_TUNING = {
     "MALLOC_TOP_PAD_": str(512 << 20),
 }
 
+#: glibc malloc settings for memory measurements: large blocks are mapped alone and unmapped at free.
+CPU_MALLOC_EXACT = {"MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
+
 
 @dataclass(frozen=True)
 class BenchResult:
@@ -48,8 +59,9 @@ class BenchResult:
     latencies_ms: tuple[float, ...]
     peak_memory_mb: float
     device: str
+    activation_memory_mb: float = 0.0
     malloc_tuned: bool = False
-    mode: str = "forward"  # or "train": one AdamW step of a Mask R-CNN around the backbone
+    mode: str = "forward"  # or "train": one AdamW step of the whole model (see module doc)
     output: torch.Tensor | None = None  # the stride-16 map (det) or the logits (cls), float32
 
 
@@ -79,33 +91,32 @@ def time_forward(model: torch.nn.Module, images: torch.Tensor, *, repeat: int = 
                  autocast=None) -> tuple[list[float], object]:
     """Wall-clock milliseconds of ``repeat`` forward passes after ``warmup`` ones (inference mode),
     and the last output."""
-    on_cuda = images.is_cuda
-    latencies = []
+    last = []
+
+    def forward() -> None:
+        last[:] = [model(images)]
     with torch.inference_mode(), autocast or torch.autocast("cpu", enabled=False):
-        for step in range(warmup + repeat):
-            if on_cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            out = model(images)
-            if on_cuda:
-                torch.cuda.synchronize()
-            if step >= warmup:
-                latencies.append((time.perf_counter() - start) * 1e3)
-    return latencies, out
+        latencies = _time_steps(forward, repeat, warmup, images.is_cuda)
+    return latencies, last[0]
 
 
-def _detector_step(name: str, overrides: dict, dtype: str, batch: int, repeat: int, warmup: int,
-                   device: str) -> tuple[list[float], torch.nn.Module, tuple[int, int]]:
-    """Milliseconds of ``repeat`` optimiser steps (after ``warmup``) of a Mask R-CNN (80 classes)
-    around ``name``'s dense backbone, on images of the authors' detection size (``S x S*800//1333``)
-    with ten boxes and masks each; the backbone runs under ``dtype`` autocast, the heads in fp32."""
-    from ..models.factory import create_model
-    from ..tasks.detection import build_detector
+def _time_steps(step, repeat: int, warmup: int, on_cuda: bool) -> list[float]:
+    """Wall-clock milliseconds of ``repeat`` calls of ``step`` after ``warmup`` untimed ones."""
+    latencies = []
+    for index in range(warmup + repeat):
+        if on_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if on_cuda:
+            torch.cuda.synchronize()
+        if index >= warmup:
+            latencies.append((time.perf_counter() - start) * 1e3)
+    return latencies
 
-    backbone = create_model(name, **{**overrides, "task": "det"})
-    model = build_detector(backbone, 80, backbone_dtype=dtype).to(device).train()
-    finest = backbone.config.input_size
-    size = (finest * 800 // 1333, finest)
+
+def _detection_batch(size: tuple[int, int], batch: int, device: str) -> tuple[list, list]:
+    """``batch`` random images with ten boxes and masks each, 80 classes."""
     images = [torch.rand(3, *size, device=device) for _ in range(batch)]
     targets = []
     for _ in range(batch):
@@ -116,21 +127,39 @@ def _detector_step(name: str, overrides: dict, dtype: str, batch: int, repeat: i
         for m, (x1, y1, x2, y2) in zip(masks, boxes.long().tolist()):
             m[y1:y2, x1:x2] = 1
         targets.append({"boxes": boxes, "labels": torch.randint(1, 81, (10,), device=device), "masks": masks})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    latencies = []
-    for step in range(warmup + repeat):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss = sum(model(images, targets).values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if step >= warmup:
-            latencies.append((time.perf_counter() - start) * 1e3)
-    return latencies, backbone, size
+    return images, targets
+
+
+def _training_step(name: str, overrides: dict, dtype: str, batch: int, device: str):
+    """The model to train, its backbone, the input size and a closure returning the step's loss.
+
+    Dense backbones get a Mask R-CNN (80 classes) on images of the authors' detection size
+    (``S x S*800//1333``), the backbone under ``dtype`` autocast and the heads in fp32; a
+    classifier is trained with cross-entropy on random square images at its input size.
+    """
+    from ..models.factory import create_model
+
+    if overrides.get("task", "det") == "cls":
+        model = create_model(name, **overrides).to(device).train()
+        size = (model.config.input_size,) * 2
+        images = torch.randn(batch, model.branches[0].patch_embed.proj.in_channels, *size, device=device)
+        labels = torch.randint(0, model.config.num_classes, (batch,), device=device)
+        autocast = precision.autocast(device.split(":")[0], precision.autocast_dtype(dtype))
+
+        def loss():
+            with autocast:
+                logits = model(images)
+            return torch.nn.functional.cross_entropy(logits.float(), labels)
+        return model, model, size, loss
+
+    from ..tasks.detection import build_detector
+
+    backbone = create_model(name, **{**overrides, "task": "det"})
+    model = build_detector(backbone, 80, backbone_dtype=dtype).to(device).train()
+    finest = backbone.config.input_size
+    size = (finest * 800 // 1333, finest)
+    images, targets = _detection_batch(size, batch, device)
+    return model, backbone, size, lambda: sum(model(images, targets).values())
 
 
 def _measure(name: str, overrides: dict, dtype: str, batch: int, repeat: int, warmup: int,
@@ -142,41 +171,44 @@ def _measure(name: str, overrides: dict, dtype: str, batch: int, repeat: int, wa
     if threads:
         torch.set_num_threads(threads)
     on_cuda = device.startswith("cuda")
-    rss_before = 0 if on_cuda else _rss_kb("VmRSS")
+    rss_before = 0 if on_cuda else _rss_kb("VmRSS") / 1024
     if train:
-        if on_cuda:
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            _reset_peak_rss()
-        latencies, backbone, size = _detector_step(name, overrides, dtype, batch, repeat, warmup, device)
-        peak = (torch.cuda.max_memory_allocated() / 2**20 if on_cuda
-                else (_rss_kb("VmHWM") - rss_before) / 1024)
+        model, backbone, size, loss_fn = _training_step(name, overrides, dtype, batch, device)
         config = backbone.config
-        complexity = actual_complexity(config, size)
-        return asdict(BenchResult(
-            name=name, resolutions="/".join(map(str, config.resolutions)), dtype=dtype, batch=batch,
-            input_size=size, params=complexity.params, macs=complexity.macs,
-            latency_ms=statistics.median(latencies), latencies_ms=tuple(latencies), peak_memory_mb=peak,
-            device=device, mode="train"))
-    model = create_model(name, **overrides).eval().to(device)
-    config = model.config
-    size = (config.input_size, config.input_size)
-    images = torch.randn(batch, 3, *size, device=device)
-    autocast = precision.autocast(device.split(":")[0], precision.autocast_dtype(dtype))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def run() -> None:
+            loss = loss_fn()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        out = None
+    else:
+        model = create_model(name, **overrides).eval().to(device)
+        config = model.config
+        size = (config.input_size, config.input_size)
+        images = torch.randn(batch, 3, *size, device=device)
+        autocast = precision.autocast(device.split(":")[0], precision.autocast_dtype(dtype))
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
+        rss_passes = torch.cuda.memory_allocated() / 2**20
     else:
+        rss_passes = _rss_kb("VmRSS") / 1024
         _reset_peak_rss()
-    latencies, out = time_forward(model, images, repeat=repeat, warmup=warmup, autocast=autocast)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if on_cuda
-            else (_rss_kb("VmHWM") - rss_before) / 1024)
+    if train:
+        latencies = _time_steps(run, repeat, warmup, on_cuda)
+    else:
+        latencies, out = time_forward(model, images, repeat=repeat, warmup=warmup, autocast=autocast)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if on_cuda else _rss_kb("VmHWM") / 1024
     complexity = actual_complexity(config, size)
+    if out is not None:
+        out = (out["2"] if isinstance(out, dict) else out).float().cpu().clone()
     return asdict(BenchResult(
         name=name, resolutions="/".join(map(str, config.resolutions)), dtype=dtype, batch=batch,
         input_size=size, params=complexity.params, macs=complexity.macs,
         latency_ms=statistics.median(latencies), latencies_ms=tuple(latencies),
-        peak_memory_mb=peak, device=device,
-        output=(out["2"] if isinstance(out, dict) else out).float().cpu().clone()))
+        peak_memory_mb=peak - rss_before, activation_memory_mb=peak - rss_passes, device=device,
+        mode="train" if train else "forward", output=out))
 
 
 def benchmark(name: str, *, dtype: str = "fp32", batch: int = 1, repeat: int = 3, warmup: int = 1,
@@ -184,19 +216,24 @@ def benchmark(name: str, *, dtype: str = "fp32", batch: int = 1, repeat: int = 3
               **overrides) -> BenchResult:
     """Measure variant ``name`` (with ``create_model`` overrides) in a fresh subprocess.
 
-    ``tune_malloc``: on CPU, start the subprocess with :data:`CPU_MALLOC_TUNING` (see module doc).
-    ``train``: time one optimiser step of a whole Mask R-CNN around the dense backbone instead of a
-    forward pass (the peak memory is then the training step's; MACs stay the backbone's forward).
+    ``tune_malloc``: on CPU, start the subprocess with :data:`CPU_MALLOC_TUNING` (speed) or, when
+    False, :data:`CPU_MALLOC_EXACT` (memory); see the module doc.
+    ``train``: time one optimiser step of the whole model instead of a forward pass (a Mask R-CNN
+    around a dense backbone, the classifier itself with ``task="cls"``); MACs stay the backbone's
+    forward.
     """
     precision.autocast_dtype(dtype)  # an unknown name is refused before any work
     if batch < 1 or repeat < 1 or warmup < 0:
         raise ValueError("batch and repeat must be >= 1 and warmup >= 0")
-    tuned = tune_malloc and not device.startswith("cuda")
+    on_cpu = not device.startswith("cuda")
+    environment = (CPU_MALLOC_TUNING if tune_malloc else CPU_MALLOC_EXACT) if on_cpu else {}
     ctx = mp.get_context("spawn")
-    saved = {key: os.environ.get(key) for key in CPU_MALLOC_TUNING}
+    keys = set(CPU_MALLOC_TUNING) | set(CPU_MALLOC_EXACT)
+    saved = {key: os.environ.get(key) for key in keys}
     try:
-        if tuned:  # a spawned child starts with the parent's environment
-            os.environ.update(CPU_MALLOC_TUNING)
+        for key in keys:  # a spawned child starts with the parent's environment
+            os.environ.pop(key, None)
+        os.environ.update(environment)
         with ctx.Pool(1) as pool:
             data = pool.apply(_measure, (name, overrides, dtype, batch, repeat, warmup, device, threads, train))
     finally:
@@ -205,7 +242,7 @@ def benchmark(name: str, *, dtype: str = "fp32", batch: int = 1, repeat: int = 3
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    data["malloc_tuned"] = tuned
+    data["malloc_tuned"] = environment is CPU_MALLOC_TUNING
     data["input_size"] = tuple(data["input_size"])
     data["latencies_ms"] = tuple(data["latencies_ms"])
     return BenchResult(**data)
@@ -219,6 +256,7 @@ def compare(model: BenchResult, baseline: BenchResult) -> dict[str, float]:
         "speedup": baseline.latency_ms / model.latency_ms,
         "macs": model.macs / baseline.macs,
         "peak_memory": model.peak_memory_mb / baseline.peak_memory_mb,
+        "activation_memory": model.activation_memory_mb / baseline.activation_memory_mb,
         "macs_per_s": model.macs_per_s / baseline.macs_per_s,
     }
     if (model.output is not None and baseline.output is not None
