@@ -5,16 +5,17 @@ and reports the median ratio with its spread (min-max) over the runs:
 
   latency     PIIP-TSB 1120/896/448 vs ViT-B 1024, fp32 forward: latency and achieved MACs/s
   memory      the same pair, forward peak memory (exact allocator accounting)
-  train-det   the same pair, one Mask R-CNN training step: time and memory
+  train-det   the same pair, one Mask R-CNN training step: time (and train-det-memory: its memory)
   train-tiny  tiny PIIP-TSB vs tiny ViT-B (Fashion-MNIST models), one training step at batch 128
   bf16        PIIP-TSB bf16 autocast vs fp32: speed-up and output error
   memory-1568 PIIP-TSB 1568/1120/672 vs ViT-B 1024, forward peak memory
   authors     the authors' backbone code vs piip on the same weights (their harness, when present:
               ``--authors-harness`` or ``$PIIP_AUTHORS_HARNESS``, default ../shared/peers/authors-piip)
 
-Latency cases run with the CPU allocator tuning of piip.analysis.bench (both sides alike); memory
-and training cases with exact allocator accounting. Prints a markdown table and writes it with the
-raw JSON to ``--out`` (default benchmarks/results).
+Timed cases run with the CPU allocator tuning of piip.analysis.bench (both sides alike), memory
+cases with exact allocator accounting. Prints a markdown table and writes it with the raw JSON to
+``--out`` (default benchmarks/results); ``--only`` re-measures the named cases and keeps the other
+cases' last results from there.
 
     python benchmarks/run_benchmarks.py [--runs 3] [--only latency,memory] [--device cpu]
 """
@@ -65,10 +66,12 @@ CASES = [
          (("activation_memory", "memory beyond weights"), ("peak_memory", "peak memory with weights")),
          "memory <= 1.25", TSB, settings={"tune_malloc": False}),
     Case("train-det", "training: Mask R-CNN step, PIIP-TSB 1120/896/448 vs ViT-B 1024 (fp32, batch 1)",
+         "piip_tsb", "vitdet_base", (("latency", "step time"),), "reported", TSB,
+         settings={"train": True, "repeat": 2}),
+    Case("train-det-memory", "training memory: Mask R-CNN step, PIIP-TSB 1120/896/448 vs ViT-B 1024",
          "piip_tsb", "vitdet_base",
-         (("latency", "step time"), ("peak_memory", "peak memory with weights"),
-          ("activation_memory", "memory beyond weights")),
-         "reported", TSB, settings={"train": True, "tune_malloc": False, "repeat": 2}),
+         (("peak_memory", "peak memory with weights"), ("activation_memory", "memory beyond weights")),
+         "reported", TSB, settings={"train": True, "tune_malloc": False, "repeat": 1, "warmup": 0}, max_runs=1),
     Case("train-tiny", "training: tiny PIIP-TSB vs tiny ViT-B (Fashion-MNIST, fp32, batch 128)",
          "piip_fmnist_tsb", "vit_fmnist_b", (("speedup", "speed-up"), ("macs", "MACs")),
          "speed-up >= 0.8 x 1/MACs", {"task": "cls"}, {"task": "cls"},
@@ -174,32 +177,31 @@ def main() -> None:
     common = dict(repeat=args.repeat, warmup=args.warmup, device=args.device)
 
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    lines = [f"Measured on: {machine}, device {args.device}; every ratio is model / baseline, the median of "
-             f"{args.runs} independent runs (min-max), each run the median of {args.repeat} passes after "
-             f"{args.warmup} warm-up unless the case says otherwise.", "",
-             "| comparison | model (last run) | baseline (last run) | ratios | target |", "|---|---|---|---|---|"]
-    raw = []
+    out = Path(args.out)
+    stored = out / "results.json"
+    results = json.loads(stored.read_text()) if stored.is_file() and args.only else {}
     for case in CASES:
         if case.key in only:
-            case_lines, case_raw = run_case(case, args.runs, common, args.bf16_resolutions)
-            lines += case_lines
-            raw += case_raw
+            lines, raw = run_case(case, args.runs, common, args.bf16_resolutions)
+            results[case.key] = {"machine": machine, "lines": lines, "raw": raw}
     if "authors" in only:
         harness = find_harness(args.authors_harness)
         if harness is None:
-            lines.append("| the authors' code vs piip | - | - | harness not found (--authors-harness) | >= 1.5x |")
+            lines, raw = ["| the authors' code vs piip | - | - | harness not found (--authors-harness) | >= 1.5x |"], []
         else:
-            case_lines, case_raw = run_authors(harness, args.runs)
-            lines += case_lines
-            raw.append({"comparison": "authors", "runs": case_raw})
+            lines, raw = run_authors(harness, args.runs)
+        results["authors"] = {"machine": machine, "lines": lines, "raw": raw}
     paper_ratio = complexity(get_config("piip_tsb")).macs / complexity(get_config("vitdet_base")).macs
-    lines += ["", f"Paper-convention MACs ratio PIIP-TSB 1120/896/448 / ViT-B 1024: {paper_ratio:.3f}."]
-    table = "\n".join(lines)
-    print(table)
-    out = Path(args.out)
+    table = [f"Measured on: {machine}, device {args.device}; every ratio is model / baseline, the median of "
+             f"the runs (min-max), each run the median of its passes; `results.json` has every run.", "",
+             "| comparison | model (last run) | baseline (last run) | ratios | target |", "|---|---|---|---|---|"]
+    table += [line for key in keys if key in results for line in results[key]["lines"]]
+    table += ["", f"Paper-convention MACs ratio PIIP-TSB 1120/896/448 / ViT-B 1024: {paper_ratio:.3f}."]
+    text = "\n".join(table)
+    print(text)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(raw, indent=2))
+    (out / "results.md").write_text(text + "\n")
+    stored.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
