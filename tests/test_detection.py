@@ -18,7 +18,7 @@ import piip
 from piip.data.coco import CocoDetection, collate_detection
 from piip.tasks.detection import (AlignedMultiScaleRoIAlign, PIIPDetector, build_detector, coco_metrics,
                                   detections_to_coco)
-from piip.tasks.detection.model import L1RegionProposalNetwork, L1RoIHeads
+from piip.tasks.detection.rcnn_parts import MaxIoUMatcher, MMDetRegionProposalNetwork, MMDetRoIHeads
 
 from conftest import free_port, needs_fmnist, tiny_branch, tiny_config, train_config_file
 
@@ -201,7 +201,7 @@ def test_detector_settings_are_the_authors_mask_rcnn():
     assert type(fpn.extra_blocks).__name__ == "LastLevelMaxPool"
     assert all(b[0].in_channels == 768 for b in fpn.inner_blocks)
     rpn = det.rpn
-    assert isinstance(rpn, L1RegionProposalNetwork)
+    assert isinstance(rpn, MMDetRegionProposalNetwork) and rpn.box_loss == "l1"
     assert rpn.anchor_generator.sizes == ((32,), (64,), (128,), (256,), (512,))
     assert rpn.anchor_generator.aspect_ratios == ((0.5, 1.0, 2.0),) * 5
     assert rpn._pre_nms_top_n == {"training": 2000, "testing": 1000}
@@ -209,7 +209,7 @@ def test_detector_settings_are_the_authors_mask_rcnn():
     assert rpn.nms_thresh == 0.7 and rpn.fg_bg_sampler.batch_size_per_image == 256
     assert (rpn.proposal_matcher.high_threshold, rpn.proposal_matcher.low_threshold) == (0.7, 0.3)
     heads = det.roi_heads
-    assert isinstance(heads, L1RoIHeads)
+    assert isinstance(heads, MMDetRoIHeads) and heads.box_loss == "l1"
     for pool, size in ((heads.box_roi_pool, (7, 7)), (heads.mask_roi_pool, (14, 14))):
         assert isinstance(pool, AlignedMultiScaleRoIAlign) and pool.sampling_ratio == 0 and pool.output_size == size
     assert heads.fg_bg_sampler.batch_size_per_image == 512 and heads.fg_bg_sampler.positive_fraction == 0.25
@@ -632,3 +632,44 @@ def test_large_scale_jitter_sizes_training_images_and_the_detector_keeps_them(tm
         config["data"]["large_scale_jitter"] = [2.0, 1.0]
         (tmp_path / "c.json").write_text(json.dumps(config))
         load_config(tmp_path / "c.json")
+
+
+@pytest.mark.parametrize("name,variant,size", [("mask_rcnn_piip_tsb_3x_ms", "piip_tsb", 1120),
+                                               ("mask_rcnn_piip_sbl_3x_ms", "piip_sbl", 1120)])
+def test_shipped_3x_multi_scale_recipes(name, variant, size):
+    """The paper's "3x + MS": the 1x recipe for 36 epochs with steps at 27 and 33, and the authors'
+    multi-scale augmentation cropping at the model's input size S with scales S / 1024 times
+    MMDetection's, tested at (int(800 r), int(1333 r)) as their _ms configs."""
+    from piip.data.multiscale import MultiScaleCrop
+    from piip.engine import load_config
+    from piip.tasks.detection.task import DetectionTask
+
+    cfg = load_config(name)
+    one_x = load_config(name.replace("3x_ms", "1x"))
+    assert (cfg.optim.epochs, cfg.optim.milestones) == (36, [27, 33]) and cfg.data.multi_scale
+    assert cfg.model.name == variant and cfg.optim.lr == one_x.optim.lr and cfg.model.head == one_x.model.head
+    task = DetectionTask(cfg)
+    ratio = size / 1024
+    assert task.head["min_size"] == int(800 * ratio) == 875 and task.head["max_size"] == int(1333 * ratio) == 1457
+    assert task.head["resize_in_training"] is False
+    with pytest.raises(ValueError, match="choose one"):
+        type(cfg.data)(**{**vars(cfg.data), "large_scale_jitter": [0.1, 2.0]})
+
+
+def test_multi_scale_training_data_follows_the_flip(tmp_path):
+    from piip.data.coco import RandomHorizontalFlip
+    from piip.data.multiscale import MultiScaleCrop
+    from piip.engine import load_config
+    from piip.tasks.detection.task import DetectionTask
+
+    write_shapes(tmp_path / "data", n_train=2, n_val=1)
+    config = json.loads(det_config(tmp_path / "c.json", tmp_path / "data", tmp_path / "run").read_text())
+    config["data"]["multi_scale"] = True
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    task = DetectionTask(load_config(tmp_path / "c.json"))
+    train, _ = task.build_datasets(task.cfg)
+    flip, multi_scale = train.transform.transforms
+    assert isinstance(flip, RandomHorizontalFlip) and isinstance(multi_scale, MultiScaleCrop)
+    assert multi_scale.crop_size == 128 and multi_scale.ratio == 128 / 1024
+    image, target = train[0]
+    assert max(image.shape[-2:]) <= 128 and len(target["boxes"]) == len(target["masks"]) == len(target["has_mask"])

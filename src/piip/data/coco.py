@@ -8,7 +8,13 @@ What a sample is: ``(image, target)`` with the image a float32 ``(3, H, W)`` ten
 the target torchvision's detection dict: ``boxes`` (``(N, 4)`` float32, x1 y1 x2 y2 pixels),
 ``labels`` (``(N,)`` int64, 1..K: the categories sorted by id and numbered from 1, 0 being
 torchvision's background), ``masks`` (``(N, H, W)`` uint8; polygons, compressed and uncompressed
-RLE are all decoded), ``image_id`` (the file's id), ``iscrowd`` and ``area``.
+RLE are all decoded) with ``has_mask`` (``(N,)`` bool: an object without a ``segmentation`` has an
+empty mask, and the detector learns no mask from it), ``image_id`` (the file's id), ``iscrowd``
+and ``area``.
+
+Box-only data (no annotation has a ``segmentation``) is what most detection sets are: the reader
+counts the annotations with masks (``mask_annotations``), and the detection task trains a box-only
+detector on data without any.
 
 Training skips crowd objects (left to the COCO evaluator, which ignores detections on them), images
 without objects and degenerate boxes (dropped with one counted warning); evaluation keeps every
@@ -62,6 +68,13 @@ class DetectionDataConfig:
             the model's input size, then cropped or padded to that square size, and the detector
             stops resizing training images itself; ``None`` (default): the authors' single-scale
             resize by the detector.
+        multi_scale: train with the authors' multi-scale augmentation (their ``_ms`` configs and
+            the paper's "3x + MS" schedule; :class:`~piip.data.multiscale.MultiScaleCrop`): after
+            the flip, a keep-ratio resize to one of 11 scales, or resize-crop-resize, then a random
+            crop of at most S x S, S the model's input size and every scale ``S / 1024`` times
+            MMDetection's (480..800, 1333); the detector stops resizing training images itself and,
+            unless ``model.head`` sets ``min_size``/``max_size``, tests at the authors'
+            ``(int(800 r), int(1333 r))``.
         limit: use only the first ``limit`` images of each split (quick runs).
     """
 
@@ -75,6 +88,7 @@ class DetectionDataConfig:
     val_images: str | None = None
     flip_prob: float = 0.5
     large_scale_jitter: list | None = None
+    multi_scale: bool = False
     limit: int | None = None
 
     def __post_init__(self) -> None:
@@ -87,6 +101,15 @@ class DetectionDataConfig:
         jitter = self.large_scale_jitter
         if jitter is not None and not (len(jitter) == 2 and 0 < float(jitter[0]) <= float(jitter[1])):
             raise ValueError(f"data.large_scale_jitter must be [low, high] with 0 < low <= high, got {jitter!r}")
+        if not isinstance(self.multi_scale, bool):
+            raise ValueError(f"data.multi_scale must be true or false, got {self.multi_scale!r}")
+        if self.multi_scale and jitter is not None:
+            raise ValueError("data.multi_scale and data.large_scale_jitter are two training augmentations: choose one")
+
+    @property
+    def sizes_training_images(self) -> bool:
+        """Whether the data pipeline, not the detector, sizes the training images."""
+        return self.multi_scale or self.large_scale_jitter is not None
 
 
 def coco_paths(cfg: DetectionDataConfig, split: str) -> tuple[str, str]:
@@ -160,6 +183,14 @@ def load_coco_json(path: str | os.PathLike) -> dict:
     return data
 
 
+def has_segmentation(annotation: dict) -> bool:
+    """Whether an annotation has an instance mask: an RLE, or at least one polygon of three points."""
+    segmentation = annotation.get("segmentation")
+    if isinstance(segmentation, dict):
+        return True
+    return isinstance(segmentation, list) and any(len(p) >= 6 for p in segmentation)
+
+
 def decode_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
     """A ``(H, W)`` uint8 mask from polygons, compressed RLE or uncompressed RLE."""
     from faster_coco_eval.core import mask as mask_util
@@ -184,13 +215,16 @@ class CocoDetection(SkipsUnreadable, Dataset):
     Args:
         ann_file, image_dir: the annotation JSON and the image folder.
         train: training mode (skip crowd objects, images without objects and degenerate boxes).
-        masks: decode instance masks (Mask R-CNN); ``False`` for box-only detectors.
+        masks: decode instance masks (Mask R-CNN; objects without one get an empty mask and
+            ``has_mask`` false); ``False`` for box-only detectors.
         transform: ``(image, target) -> (image, target)`` applied to each sample.
         limit: the first ``limit`` images only.
 
     Attributes: ``classes`` (names, label ``i`` = ``classes[i - 1]``), ``category_ids`` (the file's
     id of every label), ``coco`` (the checked JSON, for the evaluator), ``ids`` (image ids in
-    order), ``skipped`` / ``bad_files`` (unreadable images), ``dropped_boxes``.
+    order), ``num_annotations`` and ``mask_annotations`` (those with a segmentation) of these
+    images, ``mask_complete_ids`` (images whose every annotation has a mask), ``skipped`` /
+    ``bad_files`` (unreadable images), ``dropped_boxes``.
     """
 
     def __init__(self, ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, train: bool,
@@ -230,6 +264,9 @@ class CocoDetection(SkipsUnreadable, Dataset):
         if not self.records:
             raise ValueError(f"{self.ann_file}: no images to {'train on (none has a non-crowd object)' if train else 'evaluate'}")
         self.ids = [im["id"] for im, _ in self.records]
+        self.num_annotations = sum(len(anns) for _, anns in self.records)
+        self.mask_annotations = sum(has_segmentation(a) for _, anns in self.records for a in anns)
+        self.mask_complete_ids = [im["id"] for im, anns in self.records if all(map(has_segmentation, anns))]
         self.bad_files: list[str] = []
 
     def _clean(self, ann: dict, image: dict) -> dict | None:
@@ -273,9 +310,11 @@ class CocoDetection(SkipsUnreadable, Dataset):
         }
         if self.masks:
             h, w = image["height"], image["width"]
-            masks = [decode_mask(a["segmentation"], h, w) if a.get("segmentation") else _box_mask(a["bbox_xyxy"], h, w)
-                     for a in anns]
+            present = [has_segmentation(a) for a in anns]
+            masks = [decode_mask(a["segmentation"], h, w) if p else np.zeros((h, w), dtype=np.uint8)
+                     for a, p in zip(anns, present)]
             target["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.uint8)
+            target["has_mask"] = torch.tensor(present, dtype=torch.bool)
         return target
 
     def __getitem__(self, index: int):
@@ -298,14 +337,6 @@ class CocoDetection(SkipsUnreadable, Dataset):
     def __repr__(self) -> str:
         return (f"CocoDetection({self.ann_file!r}, images={len(self)}, classes={len(self.classes)}, "
                 f"train={self.train}, skipped={self.skipped})")
-
-
-def _box_mask(box: tuple[float, float, float, float], height: int, width: int) -> np.ndarray:
-    """An annotation without a segmentation: its box as the mask."""
-    mask = np.zeros((height, width), dtype=np.uint8)
-    x1, y1, x2, y2 = (int(round(v)) for v in box)
-    mask[y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)] = 1
-    return mask
 
 
 class RandomHorizontalFlip:
@@ -331,20 +362,28 @@ class RandomHorizontalFlip:
 class LargeScaleJitter:
     """Rescale by a random factor so the longer side is ``low..high`` x ``size``, then crop (or pad
     with zeros) to ``size x size``; boxes follow, masks too, and objects cropped away are dropped
-    (torchvision's ``transforms.v2`` ``ScaleJitter``, ``RandomCrop``, ``SanitizeBoundingBoxes``)."""
+    with their labels, masks and ``has_mask`` flags (torchvision's ``transforms.v2``
+    ``ScaleJitter``, ``RandomCrop``, ``SanitizeBoundingBoxes``)."""
+
+    #: per-object fields besides boxes and masks that follow the kept objects
+    PER_OBJECT = ("labels", "has_mask")
 
     def __init__(self, size: int, scale_range: tuple[float, float] = (0.1, 2.0)):
         from torchvision.transforms import v2
 
+        def per_object(inputs):
+            fields = inputs[-1]
+            return tuple(fields[k] for k in self.PER_OBJECT if k in fields)
+
         self.transform = v2.Compose([v2.ScaleJitter((size, size), scale_range=tuple(scale_range)),
                                      v2.RandomCrop((size, size), pad_if_needed=True),
-                                     v2.SanitizeBoundingBoxes()])
+                                     v2.SanitizeBoundingBoxes(labels_getter=per_object)])
 
     def __call__(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
         from torchvision import tv_tensors
 
         fields = {"boxes": tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=image.shape[-2:]),
-                  "labels": target["labels"]}
+                  **{k: target[k] for k in self.PER_OBJECT if k in target}}
         if "masks" in target:
             fields["masks"] = tv_tensors.Mask(target["masks"])
         image, fields = self.transform(tv_tensors.Image(image), fields)
@@ -365,17 +404,23 @@ class _Compose:
 
 def build_coco_dataset(cfg: DetectionDataConfig, split: str, *, masks: bool = True,
                        input_size: int | None = None) -> CocoDetection:
-    """The ``split`` (``"train"``/``"val"``) of ``cfg``; training adds the flip and, with
-    ``cfg.large_scale_jitter``, large-scale jitter to ``input_size`` (the model's)."""
+    """The ``split`` (``"train"``/``"val"``) of ``cfg``; training adds the flip and then, with
+    ``cfg.large_scale_jitter`` or ``cfg.multi_scale``, the augmentation that sizes the images for
+    ``input_size`` (the model's)."""
     ann, images = coco_paths(cfg, split)
     train = split == "train"
     steps: list[Callable] = []
-    if train and cfg.large_scale_jitter is not None:
-        if input_size is None:
-            raise ValueError("large-scale jitter needs the model's input size")
-        steps.append(LargeScaleJitter(input_size, tuple(cfg.large_scale_jitter)))
     if train and cfg.flip_prob > 0:
         steps.append(RandomHorizontalFlip(cfg.flip_prob))
+    if train and cfg.sizes_training_images:
+        if input_size is None:
+            raise ValueError("large-scale jitter and multi-scale training need the model's input size")
+        if cfg.multi_scale:
+            from .multiscale import MultiScaleCrop
+
+            steps.append(MultiScaleCrop(input_size))
+        else:
+            steps.append(LargeScaleJitter(input_size, tuple(cfg.large_scale_jitter)))
     return CocoDetection(ann, images, train=train, masks=masks, limit=cfg.limit,
                          transform=_Compose(*steps) if steps else None)
 

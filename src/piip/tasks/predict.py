@@ -83,7 +83,7 @@ def predict(model: nn.Module, images: Sequence[Any], *, score_threshold: float =
                 record = {"boxes": det["boxes"][keep].cpu(), "labels": labels, "scores": det["scores"][keep].cpu(),
                           "classes": [names[i - 1] if names else str(int(i)) for i in labels.tolist()]}
                 if "masks" in det:
-                    record["masks"] = (det["masks"][keep][:, 0] > model.config.mask_thresh).cpu()
+                    record["masks"] = (det["masks"][keep][:, 0] >= model.config.mask_thresh).cpu()
                 out.append(record)
         elif isinstance(model, PIIPSegmenter):
             names = class_names or model.config.class_names

@@ -3,9 +3,13 @@ pycocotools, in C++).
 
 Detections are written in the COCO results format (``image_id``, ``category_id`` in the dataset's
 own ids, ``bbox`` as x, y, width, height, ``score``, and for masks a compressed-RLE
-``segmentation`` of the mask binarised at the threshold), so the same file can be scored by any
+``segmentation`` of the mask binarised at ``>= threshold``), so the same file can be scored by any
 COCO tool. Metrics are in percent: ``bbox_AP``, ``bbox_AP50``, ``bbox_AP75``, ``bbox_APs``,
 ``bbox_APm``, ``bbox_APl`` and the same for ``segm``.
+
+Only the IoU types the ground truth has are scored: ``segm`` needs a detector with masks and
+annotations with a ``segmentation``; with masks on only some annotations, ``segm`` is scored over
+the images whose every annotation has one (``segm_num_images`` says how many).
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ def detections_to_coco(output: dict[str, torch.Tensor], image_id: int, category_
                 "bbox": [round(v, 3) for v in box], "score": round(score, 5)}
                for box, score, label in zip(xywh, scores, labels)]
     if "masks" in output:
-        binary = (output["masks"].detach()[:, 0] > mask_thresh).cpu().numpy().astype(np.uint8)
+        binary = (output["masks"].detach()[:, 0] >= mask_thresh).cpu().numpy().astype(np.uint8)
         rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
         for record, rle in zip(records, rles):
             record["segmentation"] = {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
@@ -52,17 +56,25 @@ def detections_to_coco(output: dict[str, torch.Tensor], image_id: int, category_
 
 
 def coco_metrics(ground_truth: dict, results: list[dict], iou_types: Sequence[str] = ("bbox", "segm"),
-                 image_ids: Iterable[int] | None = None) -> dict[str, float]:
+                 image_ids: Iterable[int] | dict[str, Iterable[int]] | None = None) -> dict[str, float]:
     """COCO AP (percent) of ``results`` against the ``ground_truth`` annotation dict, over
-    ``image_ids`` (default: every image of the ground truth)."""
+    ``image_ids`` (default: every image of the ground truth; a dict gives them per IoU type).
+
+    Masks are scored as MMDetection scores them: without the detections' ``bbox``, so that a
+    detection's area (which puts it in APs/APm/APl) is its mask's area, not its box's.
+    """
     from faster_coco_eval import COCO, COCOeval_faster
 
     gt = COCO(ground_truth, use_deepcopy=True)  # the evaluator adds fields to what it is given
-    ids = sorted(int(i) for i in (image_ids if image_ids is not None else gt.getImgIds()))
     metrics: dict[str, float] = {}
     for iou_type in iou_types:
-        usable = [r for r in results if iou_type == "bbox" or "segmentation" in r]
-        if not usable:
+        ids = image_ids.get(iou_type) if isinstance(image_ids, dict) else image_ids
+        ids = sorted(int(i) for i in (ids if ids is not None else gt.getImgIds()))
+        if iou_type == "segm":
+            usable = [{k: v for k, v in r.items() if k != "bbox"} for r in results if "segmentation" in r]
+        else:
+            usable = list(results)
+        if not usable or not ids:
             metrics.update({f"{iou_type}_{name}": 0.0 for name in METRIC_NAMES})
             continue
         evaluator = COCOeval_faster(gt, gt.loadRes(copy.deepcopy(usable)), iouType=iou_type)
@@ -109,9 +121,13 @@ def evaluate_detector(model: nn.Module, loader: Iterable, device: str | torch.de
         model.train(was_training)
     if gather is not None:
         results, seen = gather(results), gather(seen)
-    iou_types = ("bbox", "segm") if config.masks else ("bbox",)
-    metrics: dict[str, Any] = coco_metrics(dataset.coco, results, iou_types, image_ids=seen)
+    image_ids = {"bbox": seen}
+    if config.masks and dataset.mask_annotations:  # masks are scored where the ground truth has them all
+        image_ids["segm"] = sorted(set(seen) & set(dataset.mask_complete_ids))
+    metrics: dict[str, Any] = coco_metrics(dataset.coco, results, tuple(image_ids), image_ids=image_ids)
     metrics.update(num_images=len(seen), skipped=len(dataset.ids) - len(seen))
+    if "segm" in image_ids and len(image_ids["segm"]) < len(seen):
+        metrics["segm_num_images"] = len(image_ids["segm"])
     if save_to is not None:
         os.makedirs(save_to, exist_ok=True)
         from ...weights.io import atomic_write

@@ -9,17 +9,21 @@ accuracy (reference §8.1):
   ``FPN(num_outs=5)``: stride 64 by max-pooling the stride-32 output);
 * RPN: anchors 32-512 (one size per level) x ratios 0.5/1/2 at strides 4-64 (not rounded to whole
   pixels, as MMDetection 2.x), 2000 proposals per level before NMS
-  and 1000 kept after it in training, 1000/1000 in testing, NMS 0.7, 256 samples at 50% positives;
+  and 1000 kept after it in training, 1000/1000 in testing, NMS 0.7, IoU 0.7/0.3 with low-quality
+  matches from IoU 0.3, 256 samples at 50% positives;
 * RoI heads: RoIAlign **aligned** with sampling ratio 0 (7x7 boxes, 14x14 masks, the FPN paper's
   level rule with MMDetection's finest scale 56), two 1024-wide FC layers, four 3x3 conv mask
   layers and a 2x deconvolution, no normalisation; 512 samples at 25% positives;
-* losses: L1 box regression in the RPN and the box head (MMDetection 2.x; torchvision's parts
-  hard-code smooth L1, hence the two small subclasses below), cross-entropy classification,
-  per-pixel BCE masks;
-* test: score 0.05, NMS 0.5, 100 detections, masks binarised at 0.5 (by the evaluator);
-* images: keep-ratio resize to ``(S, S * 800 // 1333)`` (long side <= S, short side <= the other)
-  with S the finest branch's resolution, padding to a multiple of 224 (window 14 x patch 16),
-  normalisation with mean = std = 0.5 (the authors' 127.5 on 0-255 images).
+* losses: L1 box regression in the RPN and the box head (MMDetection 2.x), cross-entropy
+  classification, per-pixel BCE against binary ``aligned=True`` mask targets;
+* test: score 0.05, NMS 0.5, 100 detections, masks pasted over the float box with ``grid_sample``
+  and binarised at ``>= 0.5`` (by the evaluator);
+* images: keep-ratio resize to ``(S, S * 800 // 1333)`` (long side <= S, short side <= the other,
+  mmcv's rounding) with S the finest branch's resolution, padding to a multiple of 224 (window 14 x
+  patch 16), normalisation with mean = std = 0.5 (the authors' 127.5 on 0-255 images).
+
+Where torchvision's parts compute otherwise, :mod:`.rcnn_parts` holds the few subclasses that
+compute MMDetection's rules.
 
 The backbone may run under bf16 autocast while the neck and heads stay in float32
 (``backbone_dtype``); ``set_grad_checkpointing`` turns on activation checkpointing in the backbone.
@@ -35,24 +39,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-from torchvision.ops.poolers import _filter_input, _setup_scales
 
 from ...models.config import PIIPConfig
 from ...models.piip import PIIP
 from ...precision import autocast, autocast_dtype
 from ...ops import use_onednn_linears
+from .rcnn_parts import (BOX_LOSSES, AlignedMultiScaleRoIAlign, MMDetRegionProposalNetwork, MMDetRoIHeads,
+                         MMDetTransform, PyramidAnchorGenerator)
 
-__all__ = ["DetectorConfig", "PIIPDetector", "DetectorBackbone", "AlignedMultiScaleRoIAlign", "build_detector",
-           "build_detector_from_config"]
+__all__ = ["DetectorConfig", "PIIPDetector", "DetectorBackbone", "build_detector", "build_detector_from_config"]
 
 @dataclass(frozen=True)
 class DetectorConfig:
@@ -127,8 +128,8 @@ class DetectorConfig:
                              f"{self.anchor_sizes}")
         if self.backbone.fpn_levels != (0, 1, 2, 3):
             raise ValueError("the detector's FPN needs the backbone's four pyramid levels (fpn_levels=(0, 1, 2, 3))")
-        if self.box_loss not in ("l1", "smooth_l1"):
-            raise ValueError(f"DetectorConfig.box_loss must be 'l1' or 'smooth_l1', got {self.box_loss!r}")
+        if self.box_loss not in BOX_LOSSES:
+            raise ValueError(f"DetectorConfig.box_loss must be one of {BOX_LOSSES}, got {self.box_loss!r}")
         autocast_dtype(self.backbone_dtype, "DetectorConfig.backbone_dtype")
 
     # -- derived -----------------------------------------------------------------------------------
@@ -172,113 +173,39 @@ class DetectorBackbone(nn.Module):
             return self.fpn(OrderedDict((k, v.float()) for k, v in features.items()))
 
 
-class PyramidAnchorGenerator(AnchorGenerator):
-    """MMDetection 2.x's anchors on torchvision's generator: the base anchors are not rounded to
-    whole pixels (``0.5 * w`` either side of the cell's corner) and every level has its pyramid
-    stride (4, 8, ..., 64). torchvision derives a level's stride as ``image size // map size``,
-    which is wrong for the max-pooled level when the stride-32 map has an odd size (e.g. 62 instead
-    of 64 for a 1120-pixel side)."""
-
-    def __init__(self, sizes, aspect_ratios, strides):
-        super().__init__(sizes, aspect_ratios)
-        self.strides = tuple(int(s) for s in strides)
-
-    def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32, device=torch.device("cpu")):
-        scales = torch.as_tensor(scales, dtype=dtype, device=device)
-        h_ratios = torch.sqrt(torch.as_tensor(aspect_ratios, dtype=dtype, device=device))
-        ws = (scales[None, :] / h_ratios[:, None]).reshape(-1)
-        hs = (scales[None, :] * h_ratios[:, None]).reshape(-1)
-        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
-
-    def forward(self, image_list, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
-        if len(feature_maps) != len(self.strides):
-            raise ValueError(f"{len(feature_maps)} feature maps for {len(self.strides)} anchor strides")
-        device, dtype = feature_maps[0].device, feature_maps[0].dtype
-        self.set_cell_anchors(dtype, device)
-        strides = [[torch.tensor(s, dtype=torch.int64, device=device)] * 2 for s in self.strides]
-        anchors = torch.cat(self.grid_anchors([f.shape[-2:] for f in feature_maps], strides))
-        return [anchors for _ in image_list.image_sizes]
-
-
-class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
-    """``MultiScaleRoIAlign`` with ``aligned=True`` (MMDetection's RoIAlign; torchvision's multi-scale
-    pooler hard-codes ``aligned=False``) and MMDetection's level rule
-    ``floor(log2(sqrt(area) / 56))`` (torchvision's canonical 224 at level 4 is the same rule)."""
-
-    def forward(self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor],
-                image_shapes: list[tuple[int, int]]) -> torch.Tensor:
-        features = _filter_input(x, self.featmap_names)
-        if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
-                                                         self.canonical_level)
-        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
-        levels = self.map_levels(boxes) if len(features) > 1 else torch.zeros(len(rois), dtype=torch.long,
-                                                                               device=rois.device)
-        out = features[0].new_zeros((len(rois), features[0].shape[1], *self.output_size))
-        for level, (feature, scale) in enumerate(zip(features, self.scales)):
-            index = torch.where(levels == level)[0]
-            out[index] = roi_align(feature, rois[index], self.output_size, spatial_scale=scale,
-                                   sampling_ratio=self.sampling_ratio, aligned=True).to(out.dtype)
-        return out
-
-
-class L1RegionProposalNetwork(RegionProposalNetwork):
-    """The RPN with an L1 box loss (MMDetection 2.x), averaged over the sampled anchors as
-    torchvision's smooth-L1 loss is."""
-
-    def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
-        pos, neg = self.fg_bg_sampler(labels)
-        pos = torch.where(torch.cat(pos, dim=0))[0]
-        neg = torch.where(torch.cat(neg, dim=0))[0]
-        sampled = torch.cat([pos, neg], dim=0)
-        labels = torch.cat(labels, dim=0)
-        regression_targets = torch.cat(regression_targets, dim=0)
-        box_loss = F.l1_loss(pred_bbox_deltas[pos], regression_targets[pos], reduction="sum") / sampled.numel()
-        objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels[sampled])
-        return objectness_loss, box_loss
-
-
-class L1RoIHeads(RoIHeads):
-    """The RoI heads with an L1 box loss in training (MMDetection 2.x; torchvision's training
-    forward calls a module-level smooth-L1 loss). Inference is torchvision's."""
-
-    def forward(self, features, proposals, image_shapes, targets=None):
-        if not self.training:
-            return super().forward(features, proposals, image_shapes, targets)
-        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
-        class_logits, box_regression = self.box_predictor(
-            self.box_head(self.box_roi_pool(features, proposals, image_shapes)))
-        labels_all = torch.cat(labels, dim=0)
-        targets_all = torch.cat(regression_targets, dim=0)
-        pos = torch.where(labels_all > 0)[0]
-        box_regression = box_regression.reshape(len(labels_all), -1, 4)
-        losses = {
-            "loss_classifier": F.cross_entropy(class_logits, labels_all),
-            "loss_box_reg": F.l1_loss(box_regression[pos, labels_all[pos]], targets_all[pos],
-                                      reduction="sum") / labels_all.numel(),
-        }
-        if self.has_mask():
-            keep = [torch.where(lab > 0)[0] for lab in labels]
-            mask_proposals = [p[k] for p, k in zip(proposals, keep)]
-            mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes)))
-            losses["loss_mask"] = maskrcnn_loss(mask_logits, mask_proposals, [t["masks"] for t in targets],
-                                                [t["labels"] for t in targets],
-                                                [m[k] for m, k in zip(matched_idxs, keep)])
-        return [], losses
-
-
 class PIIPDetector(GeneralizedRCNN):
     """torchvision's generalized R-CNN around a piip backbone, with its :class:`DetectorConfig`.
 
     ``model(images)`` in eval mode returns torchvision's detections (``boxes`` in input-image
     pixels, ``labels`` 1-based, ``scores``, ``masks`` as probabilities ``(N, 1, H, W)``); in train
     mode ``model(images, targets)`` returns the loss dict.
+
+    In evaluation every image gets the detections it gets alone, whatever it is batched with: the
+    images are run in groups of one padded size (their keep-ratio size rounded up to the padding
+    multiple), because the branches resize their position embeddings to the padded grid and a
+    batch padded to its largest member would show an image at another size (MMDetection tests one
+    image at a time). Training pads each batch to its largest image, as the authors' aspect-ratio
+    grouped batches are.
     """
 
-    def __init__(self, config: DetectorConfig, backbone: DetectorBackbone, rpn: RegionProposalNetwork,
-                 roi_heads: RoIHeads, transform: GeneralizedRCNNTransform):
+    def __init__(self, config: DetectorConfig, backbone: DetectorBackbone, rpn: MMDetRegionProposalNetwork,
+                 roi_heads: MMDetRoIHeads, transform: MMDetTransform):
         super().__init__(backbone, rpn, roi_heads, transform)
         self.config = config
+
+    def forward(self, images, targets=None):
+        if self.training:
+            return super().forward(images, targets)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(self.transform.padded_size(*image.shape[-2:]), []).append(i)
+        if len(groups) == 1:
+            return super().forward(images)
+        detections: list = [None] * len(images)
+        for indices in groups.values():
+            for i, detection in zip(indices, super().forward([images[i] for i in indices])):
+                detections[i] = detection
+        return detections
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.backbone.body.set_grad_checkpointing(enable)
@@ -321,13 +248,12 @@ def _assemble(config: DetectorConfig, body: PIIP) -> PIIPDetector:
     channels = config.fpn_channels
     anchors = PyramidAnchorGenerator(tuple((s,) for s in config.anchor_sizes),
                                      ((0.5, 1.0, 2.0),) * len(config.anchor_sizes), strides=(4, 8, 16, 32, 64))
-    rpn_class = L1RegionProposalNetwork if config.box_loss == "l1" else RegionProposalNetwork
-    rpn = rpn_class(anchors, RPNHead(channels, anchors.num_anchors_per_location()[0]),
-                    fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=config.rpn_batch_size_per_image,
-                    positive_fraction=0.5,
-                    pre_nms_top_n=dict(training=2000, testing=1000),
-                    post_nms_top_n=dict(training=config.rpn_post_nms_top_n_train, testing=1000),
-                    nms_thresh=0.7)
+    rpn = MMDetRegionProposalNetwork(anchors, RPNHead(channels, anchors.num_anchors_per_location()[0]),
+                                     fg_iou_thresh=0.7, bg_iou_thresh=0.3, min_pos_iou=0.3,
+                                     batch_size_per_image=config.rpn_batch_size_per_image, positive_fraction=0.5,
+                                     pre_nms_top_n=dict(training=2000, testing=1000),
+                                     post_nms_top_n=dict(training=config.rpn_post_nms_top_n_train, testing=1000),
+                                     nms_thresh=0.7, box_loss=config.box_loss)
     levels = ["0", "1", "2", "3"]
     box_pool = AlignedMultiScaleRoIAlign(levels, 7, sampling_ratio=0)
     mask_parts: dict[str, Any] = {}
@@ -339,14 +265,13 @@ def _assemble(config: DetectorConfig, body: PIIP) -> PIIPDetector:
     box_head = TwoMLPHead(channels * 7 * 7, config.box_head_dim)
     box_predictor = FastRCNNPredictor(config.box_head_dim, config.num_classes + 1)
     _init_like_mmdet(backbone.fpn, box_head, box_predictor)
-    heads_class = L1RoIHeads if config.box_loss == "l1" else RoIHeads
-    roi_heads = heads_class(box_pool, box_head, box_predictor,
-                            fg_iou_thresh=0.5, bg_iou_thresh=0.5,
-                            batch_size_per_image=config.box_batch_size_per_image, positive_fraction=0.25,
-                            bbox_reg_weights=None, score_thresh=config.score_thresh, nms_thresh=config.nms_thresh,
-                            detections_per_img=config.detections_per_img, **mask_parts)
+    roi_heads = MMDetRoIHeads(box_pool, box_head, box_predictor,
+                              fg_iou_thresh=0.5, bg_iou_thresh=0.5,
+                              batch_size_per_image=config.box_batch_size_per_image, positive_fraction=0.25,
+                              bbox_reg_weights=None, score_thresh=config.score_thresh, nms_thresh=config.nms_thresh,
+                              detections_per_img=config.detections_per_img, box_loss=config.box_loss, **mask_parts)
     min_size, max_size, divisible = config.resize
-    transform = GeneralizedRCNNTransform(min_size, max_size, list(config.image_mean), list(config.image_std),
-                                         size_divisible=divisible, _skip_resize=not config.resize_in_training)
+    transform = MMDetTransform(min_size, max_size, list(config.image_mean), list(config.image_std),
+                               size_divisible=divisible, _skip_resize=not config.resize_in_training)
     return use_onednn_linears(PIIPDetector(config, backbone, rpn, roi_heads, transform))
 

@@ -2,6 +2,7 @@
 backbone, the detector's own losses, COCO AP for checkpoint selection."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable, ClassVar
 
 import torch
@@ -33,18 +34,39 @@ class DetectionTask:
     def __init__(self, cfg):
         self.cfg = cfg
         self.head = head_settings(cfg.model.head, DetectorConfig, _DERIVED, "detector")
-        if cfg.data.large_scale_jitter is not None:  # the data pipeline sizes the training images
+        if cfg.data.sizes_training_images:  # the data pipeline sizes the training images
             self.head.setdefault("resize_in_training", False)
+        if cfg.data.multi_scale:  # and the authors test at their multi-scale recipe's size
+            ratio = self._input_size(cfg) / 1024
+            self.head.setdefault("min_size", int(800 * ratio))
+            self.head.setdefault("max_size", int(1333 * ratio))
 
-    def build_datasets(self, cfg) -> tuple[Dataset, Dataset | None]:
+    @staticmethod
+    def _input_size(cfg) -> int:
         from ...engine.build import build_model_config
 
-        masks = self.head.get("masks", True)
-        size = build_model_config(cfg.model, "det").input_size if cfg.data.large_scale_jitter is not None else None
-        train = build_coco_dataset(cfg.data, "train", masks=masks, input_size=size)
+        return build_model_config(cfg.model, "det").input_size
+
+    def build_datasets(self, cfg) -> tuple[Dataset, Dataset | None]:
+        size = self._input_size(cfg) if cfg.data.sizes_training_images else None
+        train = build_coco_dataset(cfg.data, "train", masks=self.head.get("masks", True), input_size=size)
+        if train.masks and not train.mask_annotations:
+            self._train_box_only(train)
         val = optional_validation(lambda: build_coco_dataset(cfg.data, "val", masks=False),
                                   explicit=cfg.data.val_ann is not None or cfg.data.val_images is not None)
         return train, val
+
+    def _train_box_only(self, train: CocoDetection) -> None:
+        """Training data without a single mask: a box-only detector, decided before the first step
+        (an explicit ``model.head.masks=true`` is refused). A whole Mask R-CNN being fine-tuned
+        keeps its mask head, which then learns nothing."""
+        if self.head.get("masks") is True:
+            raise ValueError(f"{train.ann_file}: no annotation has a 'segmentation' (instance mask), but the run "
+                             "sets model.head.masks=true; set model.head.masks=false to train a box-only detector")
+        warnings.warn(f"{train.ann_file} has boxes but no instance masks: the detector learns boxes only "
+                      "(model.head.masks=false)", UserWarning, stacklevel=2)
+        self.head["masks"] = False
+        train.masks = False
 
     collate = staticmethod(collate_detection)
 
