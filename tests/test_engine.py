@@ -3,6 +3,7 @@ and a tiny end-to-end run."""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -10,7 +11,8 @@ from torch.utils.data import TensorDataset
 
 from piip import BranchConfig, InteractionConfig, PIIPConfig
 from piip.engine import TrainConfig, apply_overrides, build_backbone, param_rules, train
-from piip.engine.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from piip.engine.checkpoint import (check_training_state, latest_checkpoint, load_training_checkpoint,
+                                   save_training_checkpoint)
 from piip.engine.config import load_config
 from piip.engine.optim import build_scheduler
 
@@ -331,3 +333,28 @@ def test_tiny_run_on_real_fashion_mnist_images_loss_decreases(tmp_path):
     assert len(losses) == 24 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
     assert summary["eval"]["num_samples"] == 512 and summary["images_seen"] == 24 * 64
+
+
+def test_resume_never_runs_code_from_the_file(tmp_path):
+    """--resume reads with the one safe reader: the engine's own state types, nothing else."""
+    from piip.weights.checkpoint import CheckpointError
+
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    bad = tmp_path / "step-00000001.pt"
+    torch.save({"model": {}, "step": 1, "payload": Exploit()}, bad)
+    with pytest.raises(CheckpointError, match="refusing to read .*refers to io.open"):
+        load_training_checkpoint(bad)
+    assert not marker.exists()
+    # numpy's RNG state, which every training checkpoint holds, is read back exactly
+    state = {"rng": [{"numpy": np.random.get_state(), "torch": torch.get_rng_state()}], "step": 3}
+    save_training_checkpoint(tmp_path / "ok", state, step=3)
+    back = load_training_checkpoint(tmp_path / "ok")
+    assert back["step"] == 3 and np.array_equal(back["rng"][0]["numpy"][1], state["rng"][0]["numpy"][1])
+    # a readable file that is not a training checkpoint is named, before anything is built
+    with pytest.raises(CheckpointError, match="not a piip training checkpoint"):
+        check_training_state(back, tmp_path / "ok")

@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..weights.io import atomic_write as _atomic_write
+from ..weights.checkpoint import CheckpointError
+from ..weights.io import atomic_write as _atomic_write, read_torch_file
 
 __all__ = ["atomic_torch_save", "atomic_write_text", "save_training_checkpoint", "latest_checkpoint",
-           "load_training_checkpoint", "rng_state", "set_rng_state"]
+           "load_training_checkpoint", "check_training_state", "rng_state", "set_rng_state"]
 
 _STEP_RE = re.compile(r"^step-(\d+)\.pt$")
 
@@ -75,12 +76,32 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     return target if target.is_file() else None
 
 
-def load_training_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a training checkpoint (a ``.pt`` file, or a folder holding ``latest``)."""
+def _state_globals() -> list[Any]:
+    """What a training checkpoint holds besides tensors and containers: numpy's RNG state."""
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    return [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a training checkpoint (a ``.pt`` file, or a folder holding ``latest``) with the one safe
+    reader: tensors, containers and the engine's own state types only; a file holding any other
+    object is refused without running code from it."""
     path = Path(path)
     if path.is_dir():
         found = latest_checkpoint(path) or latest_checkpoint(path / "checkpoints")
         if found is None:
             raise FileNotFoundError(f"no 'latest' checkpoint under {path}")
         path = found
-    return torch.load(path, map_location=map_location, weights_only=False)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume checkpoint {os.fspath(path)!r} does not exist")
+    return read_torch_file(path, allowed_globals=_state_globals(), opaque=False)
+
+
+def check_training_state(state: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """``state`` if it has what a resume needs (a :class:`CheckpointError` naming ``path`` if not)."""
+    needed = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "micro_in_epoch", "step", "world_size")
+    missing = [k for k in needed if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{os.fspath(path)!r} is not a piip training checkpoint (it lacks {missing}); "
+                              "--resume takes a step-*.pt file of <out_dir>/checkpoints, or the run folder")
+    return state

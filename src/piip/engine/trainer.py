@@ -28,8 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import distributed as D
-from .checkpoint import (atomic_torch_save, latest_checkpoint, load_training_checkpoint, rng_state,
-                         save_training_checkpoint, set_rng_state)
+from .checkpoint import (atomic_torch_save, check_training_state, latest_checkpoint, load_training_checkpoint,
+                         rng_state, save_training_checkpoint, set_rng_state)
 from ..precision import autocast, autocast_dtype
 from .config import TrainConfig
 from .optim import build_optimizer, build_scheduler, total_steps
@@ -119,7 +119,7 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
             resume_path = latest_checkpoint(ckpt_dir)
         else:
             resume_path = Path(resume)
-    state = load_training_checkpoint(resume_path) if resume_path is not None else None
+    state = check_training_state(load_training_checkpoint(resume_path), resume_path) if resume_path else None
 
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
 import tempfile
 import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -86,8 +87,13 @@ def _restricted_pickle_module() -> types.SimpleNamespace:
 
 
 
-def read_torch_file(path: str | os.PathLike) -> Any:
+def read_torch_file(path: str | os.PathLike, *, allowed_globals: Sequence[Any] = (), opaque: bool = True) -> Any:
     """The object a ``torch.save`` file holds, read without running any code from it.
+
+    ``allowed_globals``: classes and functions the caller's own files hold besides
+    ``weights_only``'s tensors and containers (e.g. numpy's RNG state in a training checkpoint),
+    allowed by name. Objects of any other class become :class:`OpaqueObject` stand-ins, or, with
+    ``opaque=False`` (a reader that needs every object real), a :class:`CheckpointError` naming it.
 
     Raises :class:`~piip.weights.checkpoint.CheckpointError` (naming the file and its size) for a
     corrupt or truncated file.
@@ -95,11 +101,16 @@ def read_torch_file(path: str | os.PathLike) -> Any:
     path = os.fspath(path)
     size = os.path.getsize(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights only load failed" not in str(err).lower():
             raise CheckpointError(f"cannot read {path!r} ({size} bytes): it is corrupt or truncated "
                                   f"({type(err).__name__}: {str(err)[:200]})") from err
+        if not opaque:
+            found = re.search(r"GLOBAL (\S+)", str(err))
+            raise CheckpointError(f"refusing to read {path!r}: it refers to {found.group(1) if found else 'a Python object'}, "
+                                  "which a file of this kind never holds (nothing from the file was run)") from None
     except Exception as err:  # zip / EOF / unpickling errors of a damaged file
         raise CheckpointError(f"cannot read {path!r} ({size} bytes): it is corrupt or truncated "
                               f"({type(err).__name__}: {str(err)[:200]})") from err
