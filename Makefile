@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	# real aerial photographs with tree-crown boxes for the tests and `piip data trees`; --no-deps: only
+	# its data files are read (its own dependencies are PyTorch Lightning and more)
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt deepforest
 	touch $(STAMP)
 
 install: $(STAMP)
