@@ -266,7 +266,7 @@ def _assemble(config: DetectorConfig, body: PIIP) -> PIIPDetector:
     box_predictor = FastRCNNPredictor(config.box_head_dim, config.num_classes + 1)
     _init_like_mmdet(backbone.fpn, box_head, box_predictor)
     roi_heads = MMDetRoIHeads(box_pool, box_head, box_predictor,
-                              fg_iou_thresh=0.5, bg_iou_thresh=0.5,
+                              fg_iou_thresh=0.5, bg_iou_thresh=0.5, min_pos_iou=0.5,
                               batch_size_per_image=config.box_batch_size_per_image, positive_fraction=0.25,
                               bbox_reg_weights=None, score_thresh=config.score_thresh, nms_thresh=config.nms_thresh,
                               detections_per_img=config.detections_per_img, box_loss=config.box_loss, **mask_parts)

@@ -165,13 +165,13 @@ class MMDetRoIHeads(RoIHeads):
     the positives whose object has a mask (targets without ``masks``, or with ``has_mask`` false
     for an object, give none). Inference is torchvision's."""
 
-    def __init__(self, *args, box_loss: str = "l1", **kwargs):
+    def __init__(self, *args, box_loss: str = "l1", min_pos_iou: float = 0.5, **kwargs):
         super().__init__(*args, **kwargs)
         if box_loss not in BOX_LOSSES:
             raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
         self.box_loss = box_loss
         self.proposal_matcher = MaxIoUMatcher(self.proposal_matcher.high_threshold,
-                                              self.proposal_matcher.low_threshold, self.proposal_matcher.high_threshold)
+                                              self.proposal_matcher.low_threshold, min_pos_iou)
 
     def check_targets(self, targets):
         # torchvision requires masks in every target of a mask head; here a target without masks
