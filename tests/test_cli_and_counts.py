@@ -38,7 +38,7 @@ def test_flops_of_the_tiny_patch_4_variants(capsys):
     record = json.loads(capsys.readouterr().out)
     assert record["resolutions"] == "28/20/12" and 1e6 < record["params"] < 2e6 and 1e7 < record["macs"] < 3e7
     assert main(["flops", "piip_fmnist_tsb"]) == 2
-    assert "--convention actual" in capsys.readouterr().out
+    assert "--convention actual" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -48,7 +48,7 @@ def test_flops_of_the_tiny_patch_4_variants(capsys):
 ])
 def test_cli_bad_input_is_a_clear_error(argv, message, capsys):
     assert main(argv) == 2
-    assert message in " ".join(capsys.readouterr().out.split())
+    assert message in " ".join(capsys.readouterr().err.split())
 
 
 def test_cli_dtype_choices_are_the_autocast_table():

@@ -238,12 +238,12 @@ def test_cli_eval_cls_errors(tmp_path, capsys):
     path = piip.save(tiny_cls_model(5), tmp_path / "five.safetensors")
     make_folder(tmp_path / "data", corrupt=False)
     assert main(["eval", "cls", "--checkpoint", str(path), "--data", str(tmp_path / "data")]) == 2
-    assert "class-count mismatch" in capsys.readouterr().out
+    assert "class-count mismatch" in capsys.readouterr().err
     assert main(["eval", "cls", "--checkpoint", str(path), "--data", str(tmp_path / "missing")]) == 2
-    assert "does not exist" in capsys.readouterr().out
+    assert "does not exist" in capsys.readouterr().err
     det = piip.save(PIIP(tiny_config(task="det")), tmp_path / "det.safetensors")
     assert main(["eval", "cls", "--checkpoint", str(det), "--data", str(tmp_path / "data")]) == 2
-    assert "task='cls'" in capsys.readouterr().out
+    assert "task='cls'" in capsys.readouterr().err
 
 
 def test_cli_eval_cls_imagefolder(tmp_path, capsys):

@@ -368,7 +368,7 @@ def test_cli_train_eval_predict_detection(tmp_path, capsys):
     # a checkpoint whose classes do not match the data is refused
     three = piip.save(tiny_detector(num_classes=3), tmp_path / "three.safetensors")
     assert main(["eval", "det", "--checkpoint", str(three), "--data", str(tmp_path / "data"), "--split", "val"]) == 2
-    assert "class mismatch" in capsys.readouterr().out
+    assert "class mismatch" in capsys.readouterr().err
 
 
 def test_predict_classification_checkpoint_top5(tmp_path):

@@ -316,8 +316,9 @@ def test_box_only_coco_set_trains_evaluates_and_predicts_from_the_scenes_recipe(
     assert len(list((tmp_path / "pred").glob("*_pred.png"))) == 4
     capsys.readouterr()
     assert main([*base[:-1], "model.head.masks=true", f"run.out_dir={tmp_path / 'refused'}"]) == 2
-    out = capsys.readouterr().out
-    assert "model.head.masks=false" in out and "instances_train.json" in out and "Traceback" not in out
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("piip: error: ") and len(err.splitlines()) == 1
+    assert "model.head.masks=false" in err and "instances_train.json" in err
     assert not (tmp_path / "refused" / "checkpoints").exists()
 
 

@@ -396,7 +396,7 @@ def test_cli_train_eval_predict_segmentation_on_an_ade20k_folder(tmp_path, capsy
     assert main(["eval", "seg", "--checkpoint", path, "--dataset", "folder",
                  "--images", str(tmp_path / "ade" / "images" / "validation"), "--masks", str(tmp_path / "masks"),
                  "--classes", str(tmp_path / "five.txt")]) == 2
-    assert "class mismatch" in capsys.readouterr().out
+    assert "class mismatch" in capsys.readouterr().err
     # predict: an overlay with a legend and the label PNG per image, one JSON
     assert main(["predict", str(tmp_path / "ade" / "images" / "validation"), "--checkpoint", path,
                  "--out", str(tmp_path / "pred")]) == 0

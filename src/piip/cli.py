@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 
 from rich.console import Console
 from rich.table import Table
@@ -16,12 +17,79 @@ __all__ = ["main"]
 console = Console(width=shutil.get_terminal_size((120, 24)).columns)
 
 
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low`` (the option is named in argparse's one-line error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _fraction(low_open: bool):
+    """An argparse type: a float in (0, 1] (``low_open``) or [0, 1]."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+        if not (0 < value <= 1 if low_open else 0 <= value <= 1):
+            raise argparse.ArgumentTypeError(f"must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
+def _device_problem(device: str) -> str | None:
+    """Why torch cannot place tensors on ``device`` here (``None``: it can, or ``auto``)."""
+    if device in ("cpu", "auto"):
+        return None
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        return "not a device (cpu, cuda, cuda:1, ...)"
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available here (use cpu)"
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
+def check_device(device: str, what: str) -> str:
+    """``device`` when torch can use it here, else a one-line :class:`ValueError` naming ``what``."""
+    problem = _device_problem(device)
+    if problem:
+        raise ValueError(f"{what}={device!r}: {problem}")
+    return device
+
+
+def _device(text: str) -> str:
+    """The argparse type of ``--device``."""
+    problem = _device_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
+
+
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="registered variant (see `piip list`)")
     parser.add_argument("--resolutions", help="branch resolutions, finest first, e.g. 1120/896/448")
     parser.add_argument("--task", choices=("det", "seg", "cls"), default="det",
                         help="the backbone as the authors' detection, segmentation or classification code builds it")
-    parser.add_argument("--interactions", type=int, help="number of evenly spaced interactions")
+    parser.add_argument("--interactions", type=NON_NEGATIVE, help="number of evenly spaced interactions")
     parser.add_argument("--attn", choices=("deform", "regular"), help="interaction attention type")
 
 
@@ -136,6 +204,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from .engine.distributed import cleanup, is_main
 
     cfg = load_config(args.config, args.overrides, task=args.task)
+    check_device(cfg.run.device, "run.device")
     try:
         summary = train(cfg, resume=args.resume or None)
         if is_main():
@@ -302,6 +371,16 @@ def _cmd_data_scenes(args: argparse.Namespace) -> None:
                   "data.train_split=train data.val_split=val)")
 
 
+def _cmd_data_trees(args: argparse.Namespace) -> None:
+    from .data.trees import write_tree_crowns
+
+    paths = write_tree_crowns(args.out, sources=("yell541", "yell528") if args.full else ("yell541",))
+    counts = {split: json.loads(path.read_text()) for split, path in paths.items()}
+    sizes = ", ".join(f"{len(d['images'])} {split} crops ({len(d['annotations'])} crowns)" for split, d in counts.items())
+    console.print(f"[green]wrote[/] {sizes} to {args.out} (COCO format, boxes only; data.root={args.out} "
+                  "data.train_split=train data.val_split=val)")
+
+
 #: autocast dtypes by name: the keys of piip.precision.AUTOCAST_DTYPES (not imported here: it imports
 #: torch, which the parser does not need)
 DTYPES = ("fp32", "bf16", "fp16")
@@ -309,9 +388,9 @@ DTYPES = ("fp32", "bf16", "fp16")
 
 def _add_eval_run_options(p: argparse.ArgumentParser) -> None:
     """How every ``piip eval`` subcommand runs: loader workers, image limit, device, dtype, output."""
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--limit", type=int, help="only the first N images")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=NON_NEGATIVE, default=0, help="DataLoader worker processes")
+    p.add_argument("--limit", type=POSITIVE, help="only the first N images")
+    p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="autocast dtype")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -342,10 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-dtype", choices=DTYPES,
                    help="dtype of the baseline (default: --dtype); e.g. --baseline NAME --dtype bf16 "
                         "--baseline-dtype fp32 measures the bf16 speed-up and error")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=POSITIVE, default=1)
+    p.add_argument("--repeat", type=POSITIVE, default=3)
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=1)
+    p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--train", action="store_true",
                    help="time one optimiser step instead of a forward: a whole Mask R-CNN around each "
                         "backbone (--task det), the classifier with cross-entropy (--task cls)")
@@ -367,23 +446,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train PIIP and a ViT baseline here: classification (default), "
                                     "detection (piip demo det) or segmentation (piip demo seg) on Fashion-MNIST")
-    p.add_argument("overrides", nargs="*", metavar="[cls|det|seg] OVERRIDE",
+    p.add_argument("overrides", nargs="*", default=[], metavar="[cls|det|seg] OVERRIDE",
                    help="the demo (cls, the default: Fashion-MNIST accuracy vs MACs; det: Mask R-CNN on "
                         "Fashion-MNIST scenes; seg: UperNet on their per-pixel classes), then "
                         "section.field=value overrides for its runs")
     p.add_argument("--out", help="folder for the runs, the results and the plots "
                                  "(default outputs/demo, outputs/demo_det, outputs/demo_seg)")
-    p.add_argument("--epochs", type=int,
+    p.add_argument("--epochs", type=POSITIVE,
                    help="training epochs of every run (cls: default 1, `piip train cls fashion_mnist` trains 5; "
                         "det/seg: the scenes_det/scenes_seg recipe's)")
-    p.add_argument("--train-scenes", type=int, help="det/seg: training scenes (default 400)")
-    p.add_argument("--val-scenes", type=int, default=100, help="det/seg: validation scenes")
-    p.add_argument("--pretrain-limit", type=int, default=20000,
+    p.add_argument("--train-scenes", type=POSITIVE, help="det/seg: training scenes (default 400)")
+    p.add_argument("--val-scenes", type=POSITIVE, default=100, help="det/seg: validation scenes")
+    p.add_argument("--pretrain-limit", type=POSITIVE, default=20000,
                    help="det/seg: Fashion-MNIST images for the one-epoch ViT pretraining")
     p.add_argument("--data", help="folder of the Fashion-MNIST IDX files (default: the Debian package's)")
     p.add_argument("--pretrain-branches", action="store_true",
                    help="also train ViT-S/T and fine-tune PIIP from the three saved ViTs (branch_weights)")
-    p.add_argument("--finetune-epochs", type=int, help="epochs of the fine-tuning run (default: --epochs)")
+    p.add_argument("--finetune-epochs", type=POSITIVE, help="epochs of the fine-tuning run (default: --epochs)")
     p.add_argument("--fresh", action="store_true", help="retrain runs that already finished in --out")
     p.set_defaults(func=_cmd_demo)
 
@@ -396,10 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "ImageFolder root with train/<class>/ and val/<class>/")
     p.add_argument("--dataset", choices=("fashion_mnist", "imagefolder"), help="default: inferred from --data")
     p.add_argument("--split", choices=("val", "train"), default="val")
-    p.add_argument("--image-size", type=int, help="default: the model's input size")
-    p.add_argument("--crop-pct", type=float, help="eval centre-crop fraction (default: 0.875 ImageFolder, "
-                                                  "1.0 Fashion-MNIST)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=POSITIVE, help="default: the model's input size")
+    p.add_argument("--crop-pct", type=_fraction(low_open=True),
+                   help="eval centre-crop fraction (default: 0.875 ImageFolder, 1.0 Fashion-MNIST)")
+    p.add_argument("--batch-size", type=POSITIVE, default=64)
     _add_eval_run_options(p)
     p.set_defaults(func=_cmd_eval_cls)
     p = tasks.add_parser("det", help="detection: COCO box and mask AP")
@@ -409,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ann-file", help="the annotation JSON (instead of the --data layout)")
     p.add_argument("--images", help="the image folder (instead of the --data layout)")
     p.add_argument("--out", help="folder for detections.json and metrics.json (default: beside the checkpoint)")
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=POSITIVE, default=2)
     _add_eval_run_options(p)
     p.set_defaults(func=_cmd_eval_det)
     p = tasks.add_parser("seg", help="semantic segmentation: mIoU / mAcc / aAcc and per-class IoU")
@@ -433,21 +512,28 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = p.add_subparsers(dest="kind", required=True)
     p = kinds.add_parser("scenes", help="Fashion-MNIST items at every scale on real photographs (COCO format)")
     p.add_argument("out", help="output folder")
-    p.add_argument("--train", type=int, default=800, help="training scenes (items from Fashion-MNIST train)")
-    p.add_argument("--val", type=int, default=200, help="validation scenes (items from Fashion-MNIST test)")
+    p.add_argument("--train", type=POSITIVE, default=800, help="training scenes (items from Fashion-MNIST train)")
+    p.add_argument("--val", type=NON_NEGATIVE, default=200, help="validation scenes (items from Fashion-MNIST test)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fashion-mnist", help="folder of the Fashion-MNIST IDX files (default: the Debian package's)")
     p.add_argument("--semantic", action="store_true",
                    help="per-pixel classes in the ADE20K layout (semantic segmentation) instead of COCO instances")
     p.set_defaults(func=_cmd_data_scenes)
+    p = kinds.add_parser("trees", help="real aerial photographs with hand-drawn tree-crown boxes (COCO format; "
+                                       "needs: pip install --no-deps deepforest==2.1.0)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--full", action="store_true",
+                   help="both photographs: 46 crops, 678 crowns (default: one photograph, 10 crops, 238 crowns)")
+    p.set_defaults(func=_cmd_data_trees)
 
     p = sub.add_parser("predict", help="run a checkpoint on images: drawn detections / segmentation overlays / "
                                        "top-5 classes + JSON")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--checkpoint", required=True, help="a piip detector, segmenter or classifier checkpoint")
-    p.add_argument("--score-threshold", type=float, default=0.5, help="detections below are not shown")
+    p.add_argument("--score-threshold", type=_fraction(low_open=False), default=0.5,
+                   help="detections below are not shown")
     p.add_argument("--out", default="predictions", help="output folder (drawn images, predictions.json)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--json", action="store_true", help="print the predictions as one JSON object")
     p.set_defaults(func=_cmd_predict)
 
@@ -455,7 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", choices=task_names(), help="the task (cls: classification, det: detection, seg: semantic segmentation)")
     p.add_argument("config", help="a JSON or YAML TrainConfig file, or a shipped config by name "
                                   "(e.g. fashion_mnist)")
-    p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. optim.lr=1e-4 run.amp=bf16")
+    p.add_argument("overrides", nargs="*", default=[],
+                   help="section.field=value overrides, e.g. optim.lr=1e-4 run.amp=bf16 (null: the field's "
+                        "default, or None where the field takes None)")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from the run's latest checkpoint (or from the given checkpoint file)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -472,12 +560,38 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or rest)}")
     if rest:
         args.overrides = [*args.overrides, *rest]
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     try:
         args.func(args)
-    except (ValueError, OSError, NotImplementedError) as error:
-        console.print(f"[red]error:[/] {error}")
-        return 2
+    # what a user's input can cause: bad values, files, options (CheckpointError, DataError: ValueErrors), a
+    # diverging run (the trainer's FloatingPointError), weights that cannot be downloaded
+    except (ValueError, OSError, NotImplementedError, FloatingPointError) as error:
+        return _fail(error)
+    except RuntimeError as error:
+        from .weights.pretrained import HubUnavailableError
+
+        if not isinstance(error, HubUnavailableError):
+            raise  # a programming error: its traceback
+        return _fail(error)
+    except KeyboardInterrupt:
+        print("piip: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        warnings.formatwarning = formatwarning
     return 0
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """What the library warns a user about (box-only data, skipped images, ...), one line on stderr."""
+    return f"piip: warning: {message}\n"
+
+
+def _fail(error: BaseException) -> int:
+    """Report a failure the user can fix as one line on stderr (``piip: error: ...``); exit status 2."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    print(f"piip: error: {'; '.join(lines) or type(error).__name__}", file=sys.stderr, flush=True)
+    return 2
 
 
 if __name__ == "__main__":

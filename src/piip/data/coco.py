@@ -87,7 +87,7 @@ class DetectionDataConfig:
     val_ann: str | None = None
     val_images: str | None = None
     flip_prob: float = 0.5
-    large_scale_jitter: list | None = None
+    large_scale_jitter: list[float] | None = None
     multi_scale: bool = False
     limit: int | None = None
 

@@ -21,12 +21,26 @@ layout: explicit branch widths, depths, resolutions, interaction groups) instead
 
 The ``data`` section belongs to the task: its dataclass is the task's ``data_config``
 (:mod:`piip.tasks`), so ``data.*`` keys and overrides are checked against that task's fields.
+
+**null** means the same everywhere, in a file (``null``) and on the command line (``null``, or
+``none`` except in a plain text field, where ``none`` is the text: ``data.augment=none``): a field
+that accepts ``None`` (its type says ``| None``: ``optim.clip_grad=none`` turns clipping off) is set
+to ``None``; any other field goes back to its default, dropping the value a recipe gave it. The same
+holds for the task's ``model.head`` settings, checked against the task model's config
+(``model.head.class_weight=null``: the segmenter's default, no class weights, instead of the
+shipped recipe's 11; ``model.head.anchor_sizes=null``: the detector's default anchors).
+
+Values are checked against the declared types, element by element where the type names them
+(``tuple[int, ...]``), and :meth:`TrainConfig.validate` (run by :func:`load_config`) refuses
+out-of-range numbers (a batch size below 1, a negative lr, ...). Every such error is a
+:class:`ValueError` of one line naming the field.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,7 +48,8 @@ from pathlib import Path
 from typing import Any, Union
 
 __all__ = ["ModelConfig", "OptimConfig", "AugConfig", "RunConfig", "TrainConfig", "CONFIG_DIR",
-           "list_configs", "resolve_config_path", "load_config", "apply_overrides", "parse_value"]
+           "list_configs", "resolve_config_path", "load_config", "apply_overrides", "parse_value",
+           "check_value", "accepts_none"]
 
 
 @dataclass
@@ -72,7 +87,7 @@ class ModelConfig:
     cls_head: str | None = None
     cls_pool: str | None = None
     drop_path_rate: float | None = None
-    branch_drop_path: list | None = None
+    branch_drop_path: list[float] | None = None
     interaction_drop_path: float | None = None
     pretrained: bool = False
     branch_weights: dict | None = None
@@ -112,12 +127,12 @@ class OptimConfig:
     optimizer: str = "adamw"
     lr: float = 3e-5
     weight_decay: float = 0.1
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     new_module_lr_mult: float = 10.0
     layer_decay: float | None = None
     layer_decay_num_layers: float | None = None
-    layer_decay_skip: list | None = None
+    layer_decay_skip: list[float] | None = None
     decay_exempt_by_name: bool = True
     clip_grad: float | None = None
     epochs: int = 20
@@ -129,7 +144,7 @@ class OptimConfig:
     accum_steps: int = 1
     schedule: str = "cosine"
     steps: int | None = None
-    milestones: list = field(default_factory=list)
+    milestones: list[float] = field(default_factory=list)
     gamma: float = 0.1
     power: float = 1.0
 
@@ -207,6 +222,14 @@ class TrainConfig:
             raise ValueError(f"data must be a {data_cls.__name__} for task {self.task!r}, "
                              f"got {type(self.data).__name__}")
 
+    def validate(self) -> "TrainConfig":
+        """Refuse out-of-range values of the engine's sections (a batch size below 1, a negative lr,
+        an unknown ``run.device``, ...) with a one-line :class:`ValueError` naming the field; returns
+        the config. :func:`load_config` runs it; the task's ``data`` and ``model.head`` are checked
+        by the task's own configs."""
+        _validate(self)
+        return self
+
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -229,7 +252,7 @@ class TrainConfig:
 # -- construction and coercion -----------------------------------------------------------------
 def _build(cls, data: Any, where: str):
     if not isinstance(data, dict):
-        raise ValueError(f"config section {where or '<root>'} must be a mapping, got {data!r}")
+        raise ValueError(f"config section {where.rstrip('.') or '<root>'} must be a mapping, got {data!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -239,10 +262,12 @@ def _build(cls, data: Any, where: str):
     kwargs = {}
     for key, value in data.items():
         tp = hints[key]
+        if value is None and not accepts_none(tp):
+            continue  # null: the field's default
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{where}{key}.")
         else:
-            kwargs[key] = _check(tp, value, f"{where}{key}")
+            kwargs[key] = check_value(tp, value, f"{where}{key}")
     return cls(**kwargs)
 
 
@@ -253,17 +278,38 @@ def _args(tp) -> tuple:
     return (tp,)
 
 
-def _check(tp, value, where: str):
-    """Validate / lightly convert an already-parsed value (from JSON/YAML) against ``tp``."""
+def accepts_none(tp) -> bool:
+    """Whether a field of type ``tp`` may be ``None`` (``X | None`` or ``Any``): there ``null`` is
+    ``None``; for any other field ``null`` means its default (see the module docstring)."""
+    return tp is Any or type(None) in _args(tp)
+
+
+def _type_name(tp) -> str:
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+#: the kinds of values :func:`check_value` knows; other declared types are taken as given
+_CHECKED = (float, int, bool, str, list, tuple, dict)
+
+
+def check_value(tp, value, where: str):
+    """Validate / lightly convert an already-parsed value (from JSON/YAML) against ``tp``: ints for
+    floats, lists for tuples, element by element where ``tp`` names the elements (``tuple[int, ...]``,
+    ``list[float]``, ``tuple[float, float, float]``). Raises a one-line :class:`ValueError` naming
+    ``where`` and the declared type."""
     options = _args(tp)
     if value is None:
-        if type(None) in options or tp is Any:
+        if accepts_none(tp):
             return None
-        raise ValueError(f"{where} may not be null")
+        raise ValueError(f"{where} may not be null (expected {_type_name(tp)})")
     for opt in options:
-        base = typing.get_origin(opt) or opt
         if opt is Any:
             return value
+        base = typing.get_origin(opt) or opt
+        if base not in _CHECKED and base is not type(None):
+            return value  # a type this check does not know (the config's own validation has it)
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if base is int and isinstance(value, int) and not isinstance(value, bool):
@@ -273,17 +319,74 @@ def _check(tp, value, where: str):
         if base is str and isinstance(value, str):
             return value
         if base in (list, tuple) and isinstance(value, (list, tuple)):
-            return base(value)
+            try:
+                return base(_check_items(opt, value, where))
+            except ValueError:
+                continue
         if base is dict and isinstance(value, dict):
             return value
-    raise ValueError(f"{where}={value!r} does not match the declared type {tp}")
+    raise ValueError(f"{where}={value!r} does not match the declared type {_type_name(tp)}")
+
+
+def _check_items(tp, value, where: str) -> list:
+    """The elements of a list/tuple value checked against ``list[X]``, ``tuple[X, ...]`` or
+    ``tuple[X, Y, Z]`` (a bare ``list`` / ``tuple`` takes any elements)."""
+    args = typing.get_args(tp)
+    if not args:
+        return list(value)
+    if typing.get_origin(tp) is list or (len(args) == 2 and args[1] is Ellipsis):
+        item_types = [args[0]] * len(value)
+    else:
+        if len(value) != len(args):
+            raise ValueError(f"{where} needs {len(args)} values, got {len(value)}")
+        item_types = list(args)
+    return [check_value(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(item_types, value))]
+
+
+def _is_null(tp, raw) -> bool:
+    """Whether an override's value is null: ``None``, ``null``, or ``none`` except for a plain
+    text field (``data.augment=none`` is the text "none")."""
+    if raw is None:
+        return True
+    if not isinstance(raw, str):
+        return False
+    text = raw.strip().lower()
+    return text == "null" or (text == "none" and (accepts_none(tp) or str not in _args(tp)))
+
+
+def _default(obj, name: str, where: str):
+    """The dataclass default of field ``name`` of ``obj`` (what ``null`` means for a field that
+    cannot be ``None``)."""
+    f = next(f for f in dataclasses.fields(obj) if f.name == name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise ValueError(f"{where} has no default and may not be null")
+
+
+def _yaml_problem(err: Exception) -> str:
+    """A YAML parser error in one line: what is wrong and where."""
+    mark = getattr(err, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{getattr(err, 'problem', None) or err}{at}".split())
+
+
+def _yaml(text: str, where: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"cannot read {where}={text!r}: not valid YAML ({_yaml_problem(err)})") from None
 
 
 def parse_value(tp, raw: str, where: str = "value"):
-    """Coerce a command-line string to the field type ``tp``."""
+    """Coerce a command-line string to the field type ``tp`` (lists, tuples and mappings as YAML
+    flow values, ``[0.1,0.05]``, their elements checked against ``tp``)."""
     options = _args(tp)
     text = raw.strip()
-    if text.lower() in ("none", "null") and (type(None) in options or tp is Any):
+    if text.lower() in ("none", "null") and accepts_none(tp):
         return None
     for opt in options:
         base = typing.get_origin(opt) or opt
@@ -299,25 +402,22 @@ def parse_value(tp, raw: str, where: str = "value"):
             if base is float:
                 return float(text)
             if base in (list, tuple, dict):
-                import yaml
-
-                value = yaml.safe_load(text)
+                value = _yaml(text, where)
                 if isinstance(value, (list, dict)):
-                    return tuple(value) if base is tuple else value
+                    return check_value(opt, value, where)
                 continue
             if base is str:
                 return raw
             if opt is Any:
-                import yaml
-
-                return yaml.safe_load(text)
+                return _yaml(text, where)
         except ValueError:
             continue
-    raise ValueError(f"cannot read {where}={raw!r} as {tp}")
+    raise ValueError(f"cannot read {where}={raw!r} as {_type_name(tp)}")
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str] | dict[str, str]) -> TrainConfig:
-    """Apply ``["optim.lr=1e-4", "run.amp=bf16", ...]`` in place (and return ``cfg``)."""
+    """Apply ``["optim.lr=1e-4", "run.amp=bf16", ...]`` in place (and return ``cfg``). ``null``
+    sets a field that accepts ``None`` to ``None`` and any other field to its default."""
     items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
     for key, raw in items:
         parts = key.split(".")
@@ -334,10 +434,8 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str] | dict[str, str]) -> 
             if not (isinstance(target, dict) or dataclasses.is_dataclass(target)):
                 raise ValueError(f"config key {key!r}: {part!r} is a value, not a section")
         leaf = parts[-1]
-        if isinstance(target, dict):  # free-form section: YAML-typed
-            import yaml
-
-            target[leaf] = yaml.safe_load(raw) if not isinstance(raw, str) or raw else raw
+        if isinstance(target, dict):  # free-form section (model.head, ...): YAML-typed, checked by its owner
+            target[leaf] = _yaml(raw, key) if isinstance(raw, str) and raw else raw
             continue
         names = {f.name: f for f in dataclasses.fields(target)}
         if leaf not in names:
@@ -346,7 +444,13 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str] | dict[str, str]) -> 
         tp = typing.get_type_hints(type(target))[leaf]
         if dataclasses.is_dataclass(tp):
             raise ValueError(f"{key!r} is a section; override its fields ({key}.FIELD=VALUE)")
-        value = parse_value(tp, raw, key) if isinstance(raw, str) else _check(tp, raw, key)
+        if _is_null(tp, raw):
+            value = None if accepts_none(tp) else _default(target, leaf, key)
+        else:
+            value = parse_value(tp, raw, key) if isinstance(raw, str) else check_value(tp, raw, key)
+        if target is cfg and leaf == "task" and value != cfg.task:
+            raise ValueError(f"{key}={raw!r}: the task of a run is the command's (piip train TASK) or the "
+                             f"config file's, not an override")
         setattr(target, leaf, value)
     return cfg
 
@@ -355,7 +459,51 @@ def _split(item: str) -> tuple[str, str]:
     if "=" not in item:
         raise ValueError(f"override {item!r} is not of the form key.sub=value")
     key, value = item.split("=", 1)
+    if not key.strip():
+        raise ValueError(f"override {item!r} has no key (section.field=value)")
     return key.strip(), value
+
+
+# -- ranges ------------------------------------------------------------------------------------
+#: accepted values of the engine's numeric fields (every element of a list field): ``[`` / ``]``
+#: closed, ``(`` / ``)`` open ends. The task's sections (``data``, ``model.head``) check their own.
+_RANGES = {
+    "model.drop_path_rate": "[0, 1)", "model.branch_drop_path": "[0, 1)", "model.interaction_drop_path": "[0, 1)",
+    "optim.lr": "[0, inf)", "optim.weight_decay": "[0, inf)", "optim.betas": "[0, 1)", "optim.eps": "(0, inf)",
+    "optim.new_module_lr_mult": "[0, inf)", "optim.layer_decay": "(0, 1]", "optim.layer_decay_num_layers": "(0, inf)",
+    "optim.clip_grad": "(0, inf)", "optim.epochs": "[1, inf)", "optim.warmup_epochs": "[0, inf)",
+    "optim.warmup_steps": "[0, inf)", "optim.warmup_lr": "[0, inf)", "optim.min_lr": "[0, inf)",
+    "optim.batch_size": "[1, inf)", "optim.accum_steps": "[1, inf)", "optim.steps": "[1, inf)",
+    "optim.milestones": "[0, inf)", "optim.gamma": "(0, inf)", "optim.power": "[0, inf)",
+    "aug.mixup": "[0, inf)", "aug.cutmix": "[0, inf)", "aug.mixup_prob": "[0, 1]", "aug.mixup_switch_prob": "[0, 1]",
+    "aug.label_smoothing": "[0, 1)",
+    "run.ema_decay": "[0, 1]", "run.log_every": "[1, inf)", "run.eval_every": "[0, inf)",
+    "run.save_every_steps": "[0, inf)", "run.keep_last": "[0, inf)", "run.halt_at_step": "[0, inf)",
+    "run.num_workers": "[0, inf)",
+}
+
+
+def _check_range(where: str, value, spec: str) -> None:
+    low, high = (float(x) for x in spec[1:-1].split(","))
+    values = value if isinstance(value, (list, tuple)) else [value]
+    ok = all((v >= low if spec[0] == "[" else v > low) and (v <= high if spec[-1] == "]" else v < high)
+             for v in values)
+    if not ok:
+        bound = f"{'>=' if spec[0] == '[' else '>'} {low:g}" if high == float("inf") else f"in {spec}"
+        every = "every value " if isinstance(value, (list, tuple)) else ""
+        raise ValueError(f"{where}={value!r} is out of range: {every}must be {bound}")
+
+
+def _validate(cfg: TrainConfig) -> None:
+    for where, spec in _RANGES.items():
+        section, name = where.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None:
+            _check_range(where, value, spec)
+    if len(cfg.optim.betas) != 2:
+        raise ValueError(f"optim.betas={cfg.optim.betas!r} needs 2 values (AdamW's beta1, beta2)")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.run.device):
+        raise ValueError(f"run.device={cfg.run.device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
 #: Training configs shipped with the package (``piip train cls fashion_mnist``).
@@ -368,37 +516,52 @@ def list_configs() -> list[str]:
 
 
 def resolve_config_path(path: str | os.PathLike) -> Path:
-    """``path`` itself when it exists, else the shipped config of that name."""
+    """``path`` itself when it is a file, else the shipped config of that name."""
     candidate = Path(path)
-    if candidate.exists():
+    if candidate.exists() and not candidate.is_dir():
         return candidate
     shipped = CONFIG_DIR / f"{candidate.name.removesuffix('.json')}.json"
     if candidate.parent == Path(".") and shipped.exists():
         return shipped
+    if candidate.is_dir():
+        raise ValueError(f"config {str(path)!r} is a folder, not a JSON or YAML config file")
     raise FileNotFoundError(f"config {str(path)!r} is neither a file nor a shipped config "
                             f"(shipped: {', '.join(list_configs())})")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 task: str | None = None) -> TrainConfig:
-    """Read a JSON or YAML config file, or a shipped config by name (``None``: defaults), and apply
-    command-line style overrides. ``task`` (the command line's) must agree with the file's."""
-    data: dict[str, Any] = {}
+    """Read a JSON or YAML config file, or a shipped config by name (``None``: defaults), apply
+    command-line style overrides and :meth:`~TrainConfig.validate` the result. ``task`` (the
+    command line's) must agree with the file's."""
+    data: Any = {}
     if path is not None:
         path = resolve_config_path(path)
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            raise ValueError(f"config {str(path)!r} is not a text (JSON or YAML) file") from None
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as err:
+                raise ValueError(f"{path} is not valid YAML: {_yaml_problem(err)}") from None
+            data = {} if data is None else data
+        elif not text.strip():
+            raise ValueError(f"{path} is empty (a JSON config holds at least {{}})")
         else:
             try:
                 data = json.loads(text)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a mapping of config sections (task, model, data, optim, aug, "
+                             f"run), not a {type(data).__name__}")
     if task is not None:
         if data.get("task", task) != task:
             raise ValueError(f"the config {str(path)!r} is for task {data['task']!r}, not {task!r}")
         data = {**data, "task": task}
     cfg = TrainConfig.from_dict(data)
-    return apply_overrides(cfg, overrides or [])
+    return apply_overrides(cfg, overrides or []).validate()

@@ -93,14 +93,29 @@ def get_task_class(name: str) -> type:
 
 def head_settings(head: dict[str, Any], config_cls: type, derived: tuple[str, ...], what: str) -> dict[str, Any]:
     """``model.head`` of a run, checked against the fields of the task model's config ``config_cls``
-    (those in ``derived`` come from the backbone and the data, not from the run)."""
+    (those in ``derived`` come from the backbone and the data, not from the run): unknown names and
+    values that do not fit a field's declared type are refused in one line naming
+    ``model.head.<field>``; ``null`` for a field that cannot be ``None`` means its default (the key
+    is dropped: ``model.head.class_weight=null`` removes a recipe's weights), as everywhere in the
+    run config (:mod:`piip.engine.config`)."""
     import dataclasses
+    import typing
 
+    from ..engine.config import accepts_none, check_value
+
+    if not isinstance(head, dict):
+        raise ValueError(f"model.head must be a mapping of {what} settings, got {head!r}")
     allowed = sorted(f.name for f in dataclasses.fields(config_cls) if f.name not in derived)
     unknown = sorted(set(head) - set(allowed))
     if unknown:
         raise ValueError(f"unknown {what} setting(s) model.head.{unknown}; {what} settings are {allowed}")
-    return dict(head)
+    hints = typing.get_type_hints(config_cls)
+    settings = {}
+    for name, value in head.items():
+        if value is None and not accepts_none(hints[name]):
+            continue  # null: the field's default
+        settings[name] = check_value(hints[name], value, f"model.head.{name}")
+    return settings
 
 
 @contextlib.contextmanager

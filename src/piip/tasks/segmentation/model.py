@@ -150,7 +150,18 @@ class SegmenterConfig:
 
     def __post_init__(self) -> None:
         for name in ("class_names", "class_weight", "image_mean", "image_std") + (("test_scale",) if self.test_scale else ()):
+            if getattr(self, name) is None or isinstance(getattr(self, name), (str, int, float)):
+                raise ValueError(f"SegmenterConfig.{name} must be a list of values, got {getattr(self, name)!r}")
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.channels < 1 or self.aux_channels < 0:
+            raise ValueError(f"SegmenterConfig.channels must be >= 1 and aux_channels >= 0 (0: no auxiliary head), "
+                             f"got {self.channels}, {self.aux_channels}")
+        if not 0 <= self.dropout < 1 or self.aux_weight < 0:
+            raise ValueError(f"SegmenterConfig.dropout must be in [0, 1) and aux_weight >= 0, got {self.dropout}, "
+                             f"{self.aux_weight}")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+            raise ValueError(f"SegmenterConfig.image_mean / image_std need 3 values each, std > 0, got "
+                             f"{list(self.image_mean)}, {list(self.image_std)}")
         if self.test_scale is not None and (len(self.test_scale) != 2 or min(self.test_scale) < 1):
             raise ValueError(f"SegmenterConfig.test_scale must be (long, short) sizes or None, got {self.test_scale}")
         autocast_dtype(self.backbone_dtype, "SegmenterConfig.backbone_dtype")
@@ -168,7 +179,8 @@ class SegmenterConfig:
         if self.inference not in ("slide", "whole"):
             raise ValueError(f"SegmenterConfig.inference must be 'slide' or 'whole', got {self.inference!r}")
         if not 0 < self.stride <= self.crop_size:
-            raise ValueError(f"need 0 < stride <= crop_size, got {self.stride}, {self.crop_size}")
+            raise ValueError(f"SegmenterConfig.stride and crop_size need 0 < stride <= crop_size, got "
+                             f"{self.stride}, {self.crop_size}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
