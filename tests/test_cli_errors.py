@@ -263,3 +263,17 @@ def test_programming_errors_keep_their_traceback(monkeypatch, error):
     _failing_command(monkeypatch, error)
     with pytest.raises(type(error)):
         main(["list"])
+
+
+def test_data_and_network_sections_set_by_overrides_are_checked():
+    """An override sets a task's data field after the section was built: it is checked all the same;
+    a hand-written model.piip that is not a network config is named."""
+    with pytest.raises(ValueError, match="data.crop_size must be positive"):
+        load_config("scenes_seg", ["data.crop_size=-1"])
+    with pytest.raises(ValueError, match="data.scale"):
+        load_config("scenes_seg", ["data.scale=[a,b]"])
+    from piip.engine.build import build_model_config
+
+    cfg = load_config("scenes_det", ["model.piip={x: 1}"])
+    with pytest.raises(ValueError, match="model.piip is not a PIIPConfig"):
+        build_model_config(cfg.model, "det")

@@ -653,7 +653,7 @@ def test_shipped_3x_multi_scale_recipes(name, variant, size):
     assert task.head["min_size"] == int(800 * ratio) == 875 and task.head["max_size"] == int(1333 * ratio) == 1457
     assert task.head["resize_in_training"] is False
     with pytest.raises(ValueError, match="choose one"):
-        type(cfg.data)(**{**vars(cfg.data), "large_scale_jitter": [0.1, 2.0]})
+        load_config(name, ["data.large_scale_jitter=[0.1,2.0]"])
 
 
 def test_multi_scale_training_data_follows_the_flip(tmp_path):

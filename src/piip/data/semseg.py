@@ -95,8 +95,8 @@ class SegmentationDataConfig:
     ignore_index: int = 255
     reduce_zero_label: bool | None = None
     crop_size: int = 512
-    scale: list = field(default_factory=lambda: [2048, 512])
-    ratio_range: list = field(default_factory=lambda: [0.5, 2.0])
+    scale: list[int] = field(default_factory=lambda: [2048, 512])
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     cat_max_ratio: float = 0.75
     flip_prob: float = 0.5
     photometric: bool = True

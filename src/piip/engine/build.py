@@ -23,7 +23,11 @@ def build_model_config(mcfg: ModelConfig, task: str = "cls", num_classes: int | 
     from ..models.registry import get_config
 
     if mcfg.piip is not None:  # an explicit network: "seg" only says it is dense
-        config = PIIPConfig.from_dict({**mcfg.piip, "task": "det" if task == "seg" else task})
+        try:
+            config = PIIPConfig.from_dict({**mcfg.piip, "task": "det" if task == "seg" else task})
+        except (KeyError, TypeError) as err:  # a hand-written config missing or misnaming a field
+            raise ValueError(f"model.piip is not a PIIPConfig ({type(err).__name__}: {err}); write one with "
+                             "piip.get_config(name).to_dict()") from None
         if mcfg.resolutions is not None:
             config = config.with_resolutions(mcfg.resolutions)
         if mcfg.interactions is not None:

@@ -504,6 +504,10 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"optim.betas={cfg.optim.betas!r} needs 2 values (AdamW's beta1, beta2)")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.run.device):
         raise ValueError(f"run.device={cfg.run.device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    # the task's data section checks itself when built; overrides set fields after that
+    check_data = getattr(cfg.data, "__post_init__", None)
+    if check_data is not None:
+        check_data()
 
 
 #: Training configs shipped with the package (``piip train cls fashion_mnist``).
