@@ -125,6 +125,16 @@ def _box_loss(kind: str, predicted: torch.Tensor, target: torch.Tensor, normalis
     return F.smooth_l1_loss(predicted, target, beta=1 / 9, reduction="sum") / normaliser
 
 
+def _use_mmdet_assignment(stage, box_loss: str, min_pos_iou: float) -> None:
+    """Give an RPN or RoI-heads ``stage`` its ``box_loss`` and MMDetection's assigner in place of
+    torchvision's matcher, at the same IoU thresholds."""
+    if box_loss not in BOX_LOSSES:
+        raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
+    stage.box_loss = box_loss
+    stage.proposal_matcher = MaxIoUMatcher(stage.proposal_matcher.high_threshold,
+                                           stage.proposal_matcher.low_threshold, min_pos_iou)
+
+
 class MMDetRegionProposalNetwork(RegionProposalNetwork):
     """The RPN with MMDetection's assigner (:class:`MaxIoUMatcher`, ``min_pos_iou=0.3``) and box
     loss (``"l1"``: MMDetection 2.x, averaged over the sampled anchors as torchvision's smooth-L1
@@ -132,11 +142,7 @@ class MMDetRegionProposalNetwork(RegionProposalNetwork):
 
     def __init__(self, *args, box_loss: str = "l1", min_pos_iou: float = 0.3, **kwargs):
         super().__init__(*args, **kwargs)
-        if box_loss not in BOX_LOSSES:
-            raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
-        self.box_loss = box_loss
-        self.proposal_matcher = MaxIoUMatcher(self.proposal_matcher.high_threshold,
-                                              self.proposal_matcher.low_threshold, min_pos_iou)
+        _use_mmdet_assignment(self, box_loss, min_pos_iou)
 
     def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
         pos, neg = self.fg_bg_sampler(labels)
@@ -167,11 +173,7 @@ class MMDetRoIHeads(RoIHeads):
 
     def __init__(self, *args, box_loss: str = "l1", min_pos_iou: float = 0.5, **kwargs):
         super().__init__(*args, **kwargs)
-        if box_loss not in BOX_LOSSES:
-            raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
-        self.box_loss = box_loss
-        self.proposal_matcher = MaxIoUMatcher(self.proposal_matcher.high_threshold,
-                                              self.proposal_matcher.low_threshold, min_pos_iou)
+        _use_mmdet_assignment(self, box_loss, min_pos_iou)
 
     def check_targets(self, targets):
         # torchvision requires masks in every target of a mask head; here a target without masks
