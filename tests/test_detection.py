@@ -297,6 +297,19 @@ def test_coco_metrics_equal_pycocotools_run_independently(tmp_path):
     assert ours["bbox_AP50"] > 0
 
 
+def test_coco_metrics_with_annotation_ids_from_zero():
+    """COCOeval marks matches with annotation ids and 0 means unmatched: a dataset numbering its
+    annotations from 0 must still score a perfect result 100 (it scored 25 before)."""
+    gt = {"images": [{"id": 1, "width": 100, "height": 100, "file_name": "a.png"}],
+          "categories": [{"id": 1, "name": "x"}],
+          "annotations": [{"id": 0, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "area": 1600, "iscrowd": 0},
+                          {"id": 1, "image_id": 1, "category_id": 1, "bbox": [60, 50, 30, 30], "area": 900, "iscrowd": 0}]}
+    results = [{"image_id": 1, "category_id": 1, "bbox": a["bbox"], "score": 0.9 - 0.1 * i}
+               for i, a in enumerate(gt["annotations"])]
+    assert coco_metrics(gt, results, ("bbox",))["bbox_AP"] == pytest.approx(100.0)
+    assert gt["annotations"][0]["id"] == 0  # the caller's data untouched
+
+
 # -- the engine, the command line, predict ---------------------------------------------------------
 
 def write_shapes(root, n_train: int = 8, n_val: int = 4, same: bool = False):

@@ -65,7 +65,10 @@ def coco_metrics(ground_truth: dict, results: list[dict], iou_types: Sequence[st
     """
     from faster_coco_eval import COCO, COCOeval_faster
 
-    gt = COCO(ground_truth, use_deepcopy=True)  # the evaluator adds fields to what it is given
+    # the evaluator marks matches with annotation ids, 0 meaning "unmatched": a dataset whose ids
+    # start at 0 would lose that annotation's matches, so the ground truth is numbered from 1 here
+    annotations = [{**a, "id": i} for i, a in enumerate(ground_truth["annotations"], start=1)]
+    gt = COCO({**ground_truth, "annotations": annotations}, use_deepcopy=True)  # it adds fields to what it gets
     metrics: dict[str, float] = {}
     for iou_type in iou_types:
         ids = image_ids.get(iou_type) if isinstance(image_ids, dict) else image_ids
