@@ -355,6 +355,10 @@ def test_resume_never_runs_code_from_the_file(tmp_path):
     save_training_checkpoint(tmp_path / "ok", state, step=3)
     back = load_training_checkpoint(tmp_path / "ok")
     assert back["step"] == 3 and np.array_equal(back["rng"][0]["numpy"][1], state["rng"][0]["numpy"][1])
+    # a file that is no torch.save file at all (a JSON given by mistake) is named as such
+    (tmp_path / "run.json").write_text('{"step": 3}')
+    with pytest.raises(CheckpointError, match="not a torch.save file"):
+        load_training_checkpoint(tmp_path / "run.json")
     # a readable file that is not a training checkpoint is named, before anything is built
     with pytest.raises(CheckpointError, match="not a piip training checkpoint"):
         check_training_state(back, tmp_path / "ok")

@@ -100,28 +100,32 @@ def read_torch_file(path: str | os.PathLike, *, allowed_globals: Sequence[Any] =
     """
     path = os.fspath(path)
     size = os.path.getsize(path)
+
+    def unreadable(err: Exception) -> CheckpointError:
+        return CheckpointError(f"cannot read {path!r} ({size} bytes): it is corrupt or truncated, or not a "
+                               f"torch.save file ({type(err).__name__}: {str(err)[:200]})")
+
     try:
         with torch.serialization.safe_globals(list(allowed_globals)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights only load failed" not in str(err).lower():
-            raise CheckpointError(f"cannot read {path!r} ({size} bytes): it is corrupt or truncated "
-                                  f"({type(err).__name__}: {str(err)[:200]})") from err
+            raise unreadable(err) from err
         if not opaque:
             found = re.search(r"GLOBAL (\S+)", str(err))
-            raise CheckpointError(f"refusing to read {path!r}: it refers to {found.group(1) if found else 'a Python object'}, "
-                                  "which a file of this kind never holds (nothing from the file was run)") from None
+            if found is None:  # not a pickle of objects at all (a JSON file, ...)
+                raise unreadable(err) from err
+            raise CheckpointError(f"refusing to read {path!r}: it refers to {found.group(1)}, which a file of "
+                                  "this kind never holds (nothing from the file was run)") from None
     except Exception as err:  # zip / EOF / unpickling errors of a damaged file
-        raise CheckpointError(f"cannot read {path!r} ({size} bytes): it is corrupt or truncated "
-                              f"({type(err).__name__}: {str(err)[:200]})") from err
+        raise unreadable(err) from err
     # the file holds non-tensor objects: read it with the restricted unpickler, which never imports
     # or calls anything outside weights_only's allowlist
     try:
         return torch.load(path, map_location="cpu", weights_only=False,
                           pickle_module=_restricted_pickle_module())
     except Exception as err:
-        raise CheckpointError(f"cannot read {path!r} ({size} bytes): it is corrupt or truncated "
-                              f"({type(err).__name__}: {str(err)[:200]})") from err
+        raise unreadable(err) from err
 
 
 def _is_state_dict(obj: Any) -> bool:
