@@ -8,7 +8,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import piip
 from piip.models import registry
-from piip.weights.pretrained import HubUnavailableError
+from piip.weights import HubUnavailableError
 from conftest import tiny_config
 
 

@@ -1,4 +1,4 @@
-"""Branch initialisation from pretrained weights (``piip.weights.pretrained``).
+"""Branch initialisation from pretrained weights (``piip.weights.branch_init`` and the modules it uses).
 
 Every checkpoint here is generated on the fly from a tiny timm ``VisionTransformer`` (or a tiny
 InternViT-style branch) in the layout of the real files: DeiT v1 (``{"model": ...}`` .pth, class row
@@ -8,6 +8,7 @@ safetensors), InternViT (timm-style and Hugging Face names, RMSNorm, full-width 
 and DINOv2 (``mask_token``, patch 14). Nothing touches the network.
 """
 import dataclasses
+import importlib.util
 import socket
 import time
 from pathlib import Path
@@ -23,9 +24,8 @@ from timm.models.vision_transformer import VisionTransformer
 import piip
 from piip import PIIP, BranchConfig
 from piip.layers.branch import ViTBranch
-from piip.weights import (BranchWeightsError, HubUnavailableError, load_branch, load_branch_weights,
-                          load_weights_file, pretrained_weights_table)
-from piip.weights import pretrained as pw
+from piip.weights import (BranchWeightsError, HubUnavailableError, adapt_branch_state_dict, hub, load_branch,
+                          load_branch_weights, load_weights_file)
 
 from conftest import tiny_config
 
@@ -157,7 +157,7 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr("timm.create_model", refuse)
-    monkeypatch.setattr(pw, "_cached_file", lambda cfg: None)
+    monkeypatch.setattr(hub, "_cached_file", lambda cfg: None)
 
 
 # -- DeiT v1 -------------------------------------------------------------------------------------
@@ -490,7 +490,7 @@ def test_hub_download_through_timm(tmp_path, monkeypatch, no_network):
     model, files = _hub_model(tmp_path)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(pw, "_reachable", lambda host, port, timeout: True)
+    monkeypatch.setattr(hub, "_reachable", lambda host, port, timeout: True)
     downloaded = deit3(32, 2, 96)
     calls = []
 
@@ -517,7 +517,7 @@ def test_hub_tag_served_from_the_local_cache(tmp_path, monkeypatch, no_network):
     cached = tmp_path / "hub_cache_model.safetensors"
     src = state(deit3(32, 2, 224))  # the tag's own 224 px grid: 14x14, resized to the branch's 6x6
     save_file(src, cached)
-    monkeypatch.setattr(pw, "_cached_file", lambda cfg: str(cached))
+    monkeypatch.setattr(hub, "_cached_file", lambda cfg: str(cached))
     report = load_branch_weights(model, files)
     r = report["branch2"]
     assert r.source.startswith(f"timm:{TAG}")
@@ -529,7 +529,10 @@ def test_hub_tag_served_from_the_local_cache(tmp_path, monkeypatch, no_network):
 # -- the README table ----------------------------------------------------------------------------
 
 def test_weights_table_covers_the_registry_and_is_up_to_date():
-    table = pretrained_weights_table()
+    spec = importlib.util.spec_from_file_location("weights_table", ROOT / "tools" / "weights_table.py")
+    weights_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(weights_table)
+    table = weights_table.pretrained_weights_table()
     for name in piip.list_models():
         assert f"| `{name}` |" in table
         for task in ("det", "cls"):
@@ -540,7 +543,7 @@ def test_weights_table_covers_the_registry_and_is_up_to_date():
     assert "`deit_3_large_384_21k.pth`" in table and "`mae_pretrain_vit_huge.pth`" in table
     doc = ROOT / "docs" / "pretrained_weights.md"
     assert doc.read_text(encoding="utf-8") == table, \
-        "docs/pretrained_weights.md is stale: run piip.weights.write_weights_table()"
+        "docs/pretrained_weights.md is stale: run python tools/weights_table.py"
 
 
 # -- the real architectures ----------------------------------------------------------------------
@@ -568,7 +571,7 @@ def test_every_registered_timm_tag_fits_its_branch(monkeypatch):
         with torch.device("meta"):
             sd = timm.create_model(tag, pretrained=False).state_dict()
             branch = ViTBranch(config, num_classes=num_classes)
-        tensors, report = pw.adapt_branch_state_dict(branch, sd, source=tag)
+        tensors, report = adapt_branch_state_dict(branch, sd, source=tag)
         assert tensors.keys() == branch.state_dict().keys() - report.initialised.keys(), tag
         has_layer_scale = tag.startswith("deit3_")
         assert all(k.endswith(("ls1.gamma", "ls2.gamma")) for k in report.initialised), tag
