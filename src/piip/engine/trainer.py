@@ -1,6 +1,8 @@
-"""The training engine: ``train(cfg)`` for every task. It knows no task: a task object (see
-:mod:`piip.tasks.base`) supplies the datasets, the model, the loss of a batch, the evaluation and
+"""The training engine: ``train(cfg)`` for every task. It knows no task: a task object (the
+:class:`~piip.engine.task.Task` registered under ``cfg.task``) supplies the datasets, the model, the loss of a batch, the evaluation and
 the export; the engine owns the loop, the optimiser and schedule, distribution, checkpoints and logs.
+As in detectron2, the loop (:class:`TrainLoop`) only trains: logging, evaluation, best-checkpoint
+selection and checkpointing are hooks on it (:mod:`piip.engine.hooks`).
 
 Determinism and resume: the data order comes from a seeded ``DistributedSampler`` (``seed + epoch``;
 used for any world size), batched by the task's grouping if it has one, and every DataLoader draws
@@ -17,10 +19,9 @@ import contextlib
 import json
 import math
 import random
-import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -28,20 +29,19 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import distributed as D
-from .checkpoint import (atomic_torch_save, check_training_state, latest_checkpoint, load_training_checkpoint,
-                         rng_state, save_training_checkpoint, set_rng_state)
+from .checkpoint import check_training_state, latest_checkpoint, load_training_checkpoint, rng_state, set_rng_state
 from ..precision import autocast, autocast_dtype
 from .config import TrainConfig
+from .hooks import BestMetric, Checkpointer, Evaluator, Hook, MetricsLogger
 from .optim import build_optimizer, build_scheduler, total_steps
-from .sampling import ShardSampler, SkipBatchSampler, training_batches
+from .sampling import SkipBatchSampler, training_batches
+from .task import get_task_class
 
-__all__ = ["train", "build_task"]
+__all__ = ["train", "build_task", "TrainLoop"]
 
 
 def build_task(cfg: TrainConfig) -> Any:
     """The task object of a run (``cfg.task``: a name registered in :mod:`piip.tasks`)."""
-    from ..tasks.base import get_task_class
-
     return get_task_class(cfg.task)(cfg)
 
 
@@ -59,32 +59,215 @@ def _bare(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-class _Progress:
-    """rich progress bar (rank 0, terminals only) with loss, lr, images/s and ETA."""
-
-    def __init__(self, enabled: bool, total: int, completed: int):
-        self.bar = None
-        if not enabled:
-            return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
-        self.bar = Progress(TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                            TimeRemainingColumn(), transient=False)
-        self.task = self.bar.add_task("train", total=total, completed=completed, stats="")
-        self.bar.start()
-
-    def update(self, step: int, stats: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, stats=stats)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+def _resume_state(resume: str | bool | None, checkpoint_dir: Path) -> dict[str, Any] | None:
+    """The training checkpoint ``resume`` names (see :func:`train`), read and checked; ``None`` for
+    a fresh start."""
+    if not resume:
+        return None
+    path = latest_checkpoint(checkpoint_dir) if resume is True or resume == "auto" else Path(resume)
+    return check_training_state(load_training_checkpoint(path), path) if path else None
 
 
 # -- the loop ------------------------------------------------------------------------------------
+class TrainLoop:
+    """A run's training state and its loop, after detectron2's ``SimpleTrainer``: the data order,
+    the model (``train_model``: wrapped in DDP across processes, compiled when ``run.compile``),
+    optimiser, schedule, GradScaler and EMA, and the optimiser steps. Its hooks
+    (:mod:`piip.engine.hooks`) do everything else.
+
+    What a checkpoint records: ``epoch`` (completed epochs), ``micro_in_epoch`` (micro-batches of
+    the current epoch consumed), ``step`` (optimiser steps done), ``best`` (the best evaluation
+    score), ``train_time_s``. After each step: ``loss`` (its mean over ranks), ``step_images``
+    (the images it took, all ranks together) and ``step_losses`` ({step: loss} of the steps run here).
+    """
+
+    def __init__(self, cfg: TrainConfig, task: Any, info: D.DistInfo, train_dataset: Dataset,
+                 amp_dtype: torch.dtype | None, state: dict[str, Any] | None = None):
+        """Build the data, model and optimiser of ``cfg``; continue from ``state`` (a checkpoint) when
+        given, else seed every rank's RNGs apart (``seed + rank``: its own drop path and mixup)."""
+        self.cfg, self.task, self.amp_dtype = cfg, task, amp_dtype
+        self.rank, self.world, self.device = info.rank, info.world_size, info.device
+        self.is_main = self.rank == 0
+        self.epoch, self.micro_in_epoch, self.step, self.best, self.train_time_s = 0, 0, 0, None, 0.0
+        self.loss: float | None = None
+        self.step_images = 0
+        self.step_losses: dict[int, float] = {}
+        self.halted = False
+        self.hooks: list[Hook] = []
+        self._build_data(train_dataset)
+        self._build_model(train_dataset)
+        if state is not None:
+            self.load_state_dict(state)
+        else:
+            _seed_all(cfg.run.seed + self.rank)
+        self.train_model = self._wrap(self.model)
+        self.last_step = total_steps(cfg.optim, self.steps_per_epoch)
+        self.num_epochs = math.ceil(self.last_step / self.steps_per_epoch)
+
+    def _build_data(self, dataset: Dataset) -> None:
+        """The seeded sampler (any world size), its micro-batches (grouped by the task's
+        ``batch_groups`` if it has one; skippable for a mid-epoch resume) and their loader."""
+        o, world = self.cfg.optim, self.world
+        if o.batch_size % (world * o.accum_steps):
+            raise ValueError(f"optim.batch_size={o.batch_size} must be divisible by world_size ({world}) x "
+                             f"accum_steps ({o.accum_steps})")
+        self.micro_batch = o.batch_size // (world * o.accum_steps)
+        self.sampler = DistributedSampler(dataset, num_replicas=world, rank=self.rank, shuffle=True,
+                                          seed=self.cfg.run.seed, drop_last=True)
+        groups = self.task.batch_groups(dataset) if hasattr(self.task, "batch_groups") else None
+        self.batch_sampler = SkipBatchSampler(training_batches(self.sampler, self.micro_batch, groups))
+        self.loader_generator = torch.Generator()  # the workers' seeds; seeded per epoch
+        self.loader = DataLoader(dataset, batch_sampler=self.batch_sampler, num_workers=self.cfg.run.num_workers,
+                                 collate_fn=self.task.collate, pin_memory=self.device.type == "cuda",
+                                 generator=self.loader_generator, persistent_workers=False)
+        self.micro_per_epoch = len(self.batch_sampler.batch_sampler)
+        self.steps_per_epoch = self.micro_per_epoch // o.accum_steps
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"the training set ({len(dataset)} samples) is smaller than one global "
+                             f"batch ({o.batch_size})")
+
+    def _build_model(self, dataset: Dataset) -> None:
+        """The model, optimiser, schedule, GradScaler and EMA (same seed on every rank for the
+        initialisation)."""
+        cfg = self.cfg
+        _seed_all(cfg.run.seed)
+        model = self.task.build_model(cfg, dataset).to(self.device)
+        # SyncBatchNorm needs GPU tensors; on CPU each process keeps its own statistics
+        if self.world > 1 and self.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if cfg.run.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.run.amp == "fp16")
+        self.ema = None
+        if cfg.run.ema_decay is not None:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(model, decay=cfg.run.ema_decay)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """What the steps run: ``model`` in DDP across processes, compiled when ``run.compile``."""
+        if self.world > 1:
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=getattr(self.task, "find_unused_parameters", False))
+        if self.cfg.run.compile:
+            model = torch.compile(model)
+        return model
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds. Under DDP every rank must call it: it gathers their RNG states."""
+        rngs = [rng_state()]
+        if self.world > 1:
+            rngs = [None] * self.world
+            torch.distributed.all_gather_object(rngs, rng_state())
+        return {
+            "model": _bare(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None, "rng": rngs,
+            "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch, "step": self.step, "best": self.best,
+            "train_time_s": self.train_time_s,
+            "world_size": self.world, "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint written by as many processes: the model, optimiser, schedule,
+        scaler, EMA, the position in the data and this rank's RNG states."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        if state["world_size"] != self.world:
+            raise ValueError(f"checkpoint was written by {state['world_size']} processes; resume with the "
+                             f"same world size (got {self.world}) for an exact continuation")
+        self.epoch, self.micro_in_epoch, self.step = state["epoch"], state["micro_in_epoch"], state["step"]
+        self.best, self.train_time_s = state.get("best"), state.get("train_time_s", 0.0)
+        set_rng_state(state["rng"][self.rank])
+
+    def run(self, hooks: list[Hook]) -> None:
+        """Train to the schedule's last step, or until ``run.halt_at_step`` (``halted``), calling
+        ``hooks`` in their order at each point of the loop."""
+        self.hooks = hooks
+        for hook in hooks:
+            hook.loop = self
+        for hook in hooks:
+            hook.before_train()
+        self.model.train()
+        try:
+            while self.epoch < self.num_epochs:
+                self._train_epoch()
+                if self.halted:
+                    break
+                self.epoch, self.micro_in_epoch = self.epoch + 1, 0
+                for hook in hooks:
+                    hook.after_epoch()
+        finally:
+            for hook in hooks:
+                hook.after_train()
+
+    def _train_epoch(self) -> None:
+        """The optimiser steps left in the current epoch (fewer when the run halts or its last step
+        comes first). Its batch iterator, and the loader's workers, end with it."""
+        self.sampler.set_epoch(self.epoch)
+        self.batch_sampler.skip = self.micro_in_epoch
+        self.loader_generator.manual_seed(self.cfg.run.seed * 100_003 + self.epoch)
+        batches = iter(self.loader)
+        halt_at = self.cfg.run.halt_at_step
+        while self.micro_in_epoch + self.cfg.optim.accum_steps <= self.micro_per_epoch:
+            self.run_step(batches)
+            for hook in self.hooks:
+                hook.after_step()
+            if halt_at is not None and self.step >= halt_at:
+                self.halted = True
+                return
+            if self.step >= self.last_step:  # an iteration-based schedule may end mid-epoch
+                return
+
+    def run_step(self, batches: Iterator) -> None:
+        """One optimiser step over ``optim.accum_steps`` micro-batches from ``batches``; a loss that
+        is not finite raises :class:`FloatingPointError` (on every rank: it is the mean over ranks)."""
+        o = self.cfg.optim
+        start = time.perf_counter()
+        losses = self._forward_backward(batches)
+        self.micro_in_epoch += o.accum_steps
+        if o.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        self.train_time_s += time.perf_counter() - start
+        self.loss = float(D.all_reduce_mean(torch.stack(losses).mean().double().cpu()))
+        self.step_losses[self.step] = self.loss
+        if not math.isfinite(self.loss):
+            raise FloatingPointError(f"loss is {self.loss} at step {self.step}")
+
+    def _forward_backward(self, batches: Iterator) -> list[torch.Tensor]:
+        """The summed gradients of ``optim.accum_steps`` micro-batches (under DDP only the last one
+        all-reduces); their losses. Sets ``step_images``."""
+        accum = self.cfg.optim.accum_steps
+        ddp = isinstance(self.train_model, nn.parallel.DistributedDataParallel)
+        losses, self.step_images = [], 0
+        for index in range(accum):
+            batch = next(batches)
+            sync = self.world == 1 or index == accum - 1 or not ddp
+            with (contextlib.nullcontext() if sync else self.train_model.no_sync()):
+                with autocast(self.device.type, self.amp_dtype):
+                    loss, images = self.task.loss(self.train_model, batch, self.device)
+                self.scaler.scale(loss / accum).backward()
+            losses.append(loss.detach().float())
+            self.step_images += images * self.world
+        return losses
+
+
 def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset: Dataset | None = None,
           resume: str | bool | None = None, task: Any = None) -> dict[str, Any]:
     """Train per ``cfg``; returns a summary dict.
@@ -104,252 +287,45 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
     ``out_dir``, ``checkpoint`` (last written), ``model_path`` (final safetensors export).
     """
     info = D.init_distributed(cfg.run.device)
-    rank, world, device = info.rank, info.world_size, info.device
-    main = rank == 0
     out_dir = Path(cfg.run.out_dir)
-    ckpt_dir = out_dir / "checkpoints"
     task = task or build_task(cfg)
     amp_dtype = autocast_dtype(cfg.run.amp, "run.amp")
-    o = cfg.optim
-
-    # resume source
-    resume_path = None
-    if resume:
-        if resume is True or resume == "auto":
-            resume_path = latest_checkpoint(ckpt_dir)
-        else:
-            resume_path = Path(resume)
-    state = check_training_state(load_training_checkpoint(resume_path), resume_path) if resume_path else None
-
-    if main:
+    state = _resume_state(resume, out_dir / "checkpoints")
+    if info.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.json")
-
-    # data
     if train_dataset is None:
         train_dataset, built_val = task.build_datasets(cfg)
         val_dataset = val_dataset if val_dataset is not None else built_val
-    if o.batch_size % (world * o.accum_steps):
-        raise ValueError(f"optim.batch_size={o.batch_size} must be divisible by world_size ({world}) x "
-                         f"accum_steps ({o.accum_steps})")
-    micro = o.batch_size // (world * o.accum_steps)
-    sampler = DistributedSampler(train_dataset, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=cfg.run.seed, drop_last=True)
-    groups = task.batch_groups(train_dataset) if hasattr(task, "batch_groups") else None
-    batch_sampler = SkipBatchSampler(training_batches(sampler, micro, groups))
-    loader_gen = torch.Generator()
-    loader = DataLoader(train_dataset, batch_sampler=batch_sampler, num_workers=cfg.run.num_workers,
-                        collate_fn=task.collate, pin_memory=device.type == "cuda", generator=loader_gen,
-                        persistent_workers=False)
-    micro_per_epoch = len(batch_sampler.batch_sampler)
-    steps_per_epoch = micro_per_epoch // o.accum_steps
-    if steps_per_epoch < 1:
-        raise ValueError(f"the training set ({len(train_dataset)} samples) is smaller than one global "
-                         f"batch ({o.batch_size})")
 
-    # model, optimiser, schedule (same seed on every rank for the initialisation)
-    _seed_all(cfg.run.seed)
-    model = task.build_model(cfg, train_dataset).to(device)
-    if world > 1 and device.type == "cuda":  # SyncBatchNorm needs GPU tensors; on CPU each process keeps its own
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.run.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    optimizer = build_optimizer(model, o)
-    scheduler = build_scheduler(optimizer, o, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16")
-    ema = None
-    if cfg.run.ema_decay is not None:
-        from timm.utils import ModelEmaV3
+    loop = TrainLoop(cfg, task, info, train_dataset, amp_dtype, state)
+    logger = MetricsLogger(out_dir, log_every=cfg.run.log_every, resumed=state is not None,
+                           tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
+    evaluator = Evaluator(val_dataset, every=cfg.run.eval_every, save_to=out_dir / "eval", log=logger.write)
+    best = BestMetric(evaluator)
+    checkpointer = Checkpointer(out_dir / "checkpoints", every_steps=cfg.run.save_every_steps,
+                                keep_last=cfg.run.keep_last, best=best)
+    loop.run([logger, evaluator, best, checkpointer])
 
-        ema = ModelEmaV3(model, decay=cfg.run.ema_decay)
-
-    epoch, micro_done, step, best, train_time = 0, 0, 0, None, 0.0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        if state["world_size"] != world:
-            raise ValueError(f"checkpoint was written by {state['world_size']} processes; resume with the "
-                             f"same world size (got {world}) for an exact continuation")
-        epoch, micro_done, step, best = state["epoch"], state["micro_in_epoch"], state["step"], state.get("best")
-        train_time = state.get("train_time_s", 0.0)
-        set_rng_state(state["rng"][rank])
-    else:
-        _seed_all(cfg.run.seed + rank)
-
-    train_model: nn.Module = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=getattr(task, "find_unused_parameters", False))
-    if cfg.run.compile:
-        train_model = torch.compile(train_model)
-
-    # logs
-    metrics_path = out_dir / "metrics.jsonl"
-    if main:
-        kept = []
-        if state is not None and metrics_path.exists():  # drop records past the checkpoint
-            for line in metrics_path.read_text().splitlines():
-                rec = json.loads(line)
-                if rec.get("step", 0) <= step:
-                    kept.append(line)
-        metrics_path.write_text("".join(k + "\n" for k in kept))
-    writer = None
-    if main and cfg.run.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(out_dir / "tensorboard"))
-        except ImportError:
-            print("warning: tensorboard is not installed; run.tensorboard ignored", file=sys.stderr)
-
-    def log(record: dict) -> None:
-        if not main:
-            return
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if writer is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    writer.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
-
-    def save(kind: str = "step") -> Path | None:
-        rngs = [rng_state()]
-        if world > 1:
-            rngs = [None] * world
-            torch.distributed.all_gather_object(rngs, rng_state())
-        path = None
-        if main:
-            payload = {
-                "model": _bare(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None, "rng": rngs,
-                "epoch": epoch, "micro_in_epoch": micro_done, "step": step, "best": best,
-                "train_time_s": train_time,
-                "world_size": world, "config": cfg.to_dict(),
-            }
-            if kind == "best":
-                path = atomic_torch_save(payload, ckpt_dir / "best.pt")
-            else:
-                path = save_training_checkpoint(ckpt_dir, payload, step, keep=cfg.run.keep_last)
-        D.barrier()
-        return path
-
-    last_step = total_steps(o, steps_per_epoch)
-    num_epochs = math.ceil(last_step / steps_per_epoch)
-    progress = _Progress(main and cfg.run.progress and sys.stderr.isatty(), last_step, step)
-    step_losses: dict[int, float] = {}
-    last_eval: dict | None = None
-    last_ckpt = None
-    halted = False
-    lr_fn = scheduler.lr_lambdas[0]
-    window_t, window_images = time.perf_counter(), 0
-    model.train()
-    try:
-        while epoch < num_epochs and not halted:
-            sampler.set_epoch(epoch)
-            batch_sampler.skip = micro_done
-            loader_gen.manual_seed(cfg.run.seed * 100_003 + epoch)
-            batches = iter(loader)
-            while micro_done + o.accum_steps <= micro_per_epoch:
-                step_start = time.perf_counter()
-                losses = []
-                for a in range(o.accum_steps):
-                    batch = next(batches)
-                    sync = (world == 1 or a == o.accum_steps - 1
-                            or not isinstance(train_model, nn.parallel.DistributedDataParallel))
-                    with (contextlib.nullcontext() if sync else train_model.no_sync()):
-                        with autocast(device.type, amp_dtype):
-                            loss, n = task.loss(train_model, batch, device)
-                        scaler.scale(loss / o.accum_steps).backward()
-                    losses.append(loss.detach().float())
-                    window_images += n * world
-                micro_done += o.accum_steps
-                if o.clip_grad is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                step += 1
-                if ema is not None:
-                    ema.update(model, step=step)
-                train_time += time.perf_counter() - step_start
-                loss_value = float(D.all_reduce_mean(torch.stack(losses).mean().double().cpu()))
-                step_losses[step] = loss_value
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"loss is {loss_value} at step {step}")
-                if step % cfg.run.log_every == 0 or step == last_step:
-                    now = time.perf_counter()
-                    ips = window_images / max(now - window_t, 1e-9)
-                    window_t, window_images = now, 0
-                    lr = o.lr * lr_fn(scheduler.last_epoch)
-                    log({"kind": "train", "step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
-                         "images_per_s": ips, "time": time.time()})
-                    progress.update(step, f"loss {loss_value:.4f}  lr {lr:.2e}  {ips:.1f} img/s")
-                if cfg.run.save_every_steps and step % cfg.run.save_every_steps == 0:
-                    last_ckpt = save()
-                if cfg.run.halt_at_step is not None and step >= cfg.run.halt_at_step:
-                    halted = True
-                    break
-                if step >= last_step:  # an iteration-based schedule may end mid-epoch
-                    break
-            if halted:
-                break
-            epoch, micro_done = epoch + 1, 0
-            del batches
-            due = cfg.run.eval_every and epoch % cfg.run.eval_every == 0
-            if val_dataset is not None and (due or epoch == num_epochs):
-                last_eval = _evaluate(task, model, ema, val_dataset, micro, device, amp_dtype, cfg,
-                                      out_dir / "eval" if main else None)
-                log({"kind": "eval", "step": step, "epoch": epoch, "train_time_s": train_time, **last_eval})
-                score = last_eval.get(task.metric)
-                better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
-                is_best = score is not None and (best is None or better(score, best))
-                if is_best:
-                    best = score
-                last_ckpt = save()
-                if is_best:
-                    save("best")
-            else:
-                last_ckpt = save()
-    finally:
-        progress.close()
-        if writer is not None:
-            writer.close()
-
-    model_path = None
-    if not halted and main:
-        model_path = task.export(_bare(model), str(out_dir / "model.safetensors"))
-        if ema is not None:
-            task.export(ema.module, str(out_dir / "model_ema.safetensors"))
+    model_path = None if loop.halted else _export(loop, out_dir)
     D.barrier()
-    summary = {"step": step, "epoch": epoch, "step_losses": step_losses, "eval": last_eval, "best": best,
-               "train_time_s": train_time, "images_seen": step * o.batch_size,
-               "halted": halted, "out_dir": str(out_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
-               "model_path": model_path, "world_size": world}
-    if main:
+    last_checkpoint = checkpointer.last_path
+    summary = {"step": loop.step, "epoch": loop.epoch, "step_losses": loop.step_losses, "eval": evaluator.last,
+               "best": loop.best, "train_time_s": loop.train_time_s, "images_seen": loop.step * cfg.optim.batch_size,
+               "halted": loop.halted, "out_dir": str(out_dir),
+               "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+               "model_path": model_path, "world_size": loop.world}
+    if loop.is_main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
-def _evaluate(task, model, ema, dataset, batch, device, amp_dtype, cfg, save_to: Path | None) -> dict:
-    """The task's evaluation, every rank on its own shard; the task gathers through ``D.gather_objects``
-    and writes its files (predictions) to ``save_to`` on the main process."""
-    gen = torch.Generator().manual_seed(0)  # keep the global RNG untouched
-    D.broadcast_buffers(model)
-    loader = DataLoader(dataset, batch_size=batch, sampler=ShardSampler(len(dataset), D.rank(), D.world_size()),
-                        num_workers=cfg.run.num_workers, collate_fn=task.collate, generator=gen)
-    was_training = model.training
-    result = task.evaluate(model, loader, device, amp_dtype, gather=D.gather_objects,
-                           save_to=str(save_to) if save_to is not None else None)
-    if ema is not None:
-        ema_result = task.evaluate(ema.module, loader, device, amp_dtype, gather=D.gather_objects)
-        result.update({f"ema_{k}": v for k, v in ema_result.items() if k != "num_samples"})
-    model.train(was_training)
-    return result
+def _export(loop: TrainLoop, out_dir: Path) -> str | None:
+    """The final safetensors files, from the main process (the model's path; ``None`` elsewhere):
+    the model, and its EMA when the run keeps one."""
+    if not loop.is_main:
+        return None
+    model_path = loop.task.export(_bare(loop.model), str(out_dir / "model.safetensors"))
+    if loop.ema is not None:
+        loop.task.export(loop.ema.module, str(out_dir / "model_ema.safetensors"))
+    return model_path
