@@ -236,7 +236,7 @@ def _failing_command(monkeypatch, error):
 
 
 def test_weights_that_cannot_be_downloaded_are_one_line(monkeypatch, capsys):
-    from piip.weights.pretrained import HubUnavailableError
+    from piip.weights import HubUnavailableError
 
     _failing_command(monkeypatch, HubUnavailableError("cannot initialise every branch:\n  branch1: offline\n"
                                                       "Pass local files: model.branch_weights"))

@@ -471,7 +471,7 @@ def test_converted_mmdet_heads_compute_what_mmdet_computes():
     from torchvision.models.detection.image_list import ImageList
     from torchvision.ops import roi_align
 
-    from piip.compat.original.mmdet_heads import convert_mmdet_heads, mask_rcnn_layout
+    from piip.tasks.detection.authors_heads import convert_mmdet_heads, mask_rcnn_layout
 
     K = 5
     theirs = mmdet_heads(64, K)

@@ -15,7 +15,7 @@ import pytest
 
 from piip.analysis.paper_flops import paper_complexity
 from piip.analysis.paper_tables import APPENDIX_B_SWEEPS
-from piip.models.config import BranchConfig, PIIPConfig
+from piip.config.model import BranchConfig, PIIPConfig
 from piip.models.registry import get_config
 
 REL_TOL = 0.005

@@ -534,7 +534,7 @@ def _seg_kwargs(fx_kwargs: dict, sizes=(56, 112)) -> dict:
 
 def test_converted_mmseg_heads_compute_what_mmseg_computes():
     from piip.compat.original import CheckpointError
-    from piip.compat.original.mmseg_heads import convert_mmseg_heads, upernet_layout
+    from piip.tasks.segmentation.authors_heads import convert_mmseg_heads, upernet_layout
 
     theirs = mmseg_heads(64, 7)
     extra = {}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from piip.models.config import PIIPConfig
+from piip.config.model import PIIPConfig
 from piip.models.registry import describe, get_config, list_models, resolve_name
 
 CANONICAL = [

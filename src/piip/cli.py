@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import warnings
@@ -11,77 +10,13 @@ import warnings
 from rich.console import Console
 from rich.table import Table
 
+from .argtypes import DTYPES, NON_NEGATIVE, POSITIVE, check_device, device as _device, fraction
+from .tasks import task_classes, task_names
+
 __all__ = ["main"]
 
 # wide enough for the tables when the output is not a terminal (CI logs, pipes)
 console = Console(width=shutil.get_terminal_size((120, 24)).columns)
-
-
-def _int_at_least(low: int):
-    """An argparse type: an integer >= ``low`` (the option is named in argparse's one-line error)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-
-    parse.__name__ = "int"
-    return parse
-
-
-def _fraction(low_open: bool):
-    """An argparse type: a float in (0, 1] (``low_open``) or [0, 1]."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
-        if not (0 < value <= 1 if low_open else 0 <= value <= 1):
-            raise argparse.ArgumentTypeError(f"must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
-        return value
-
-    parse.__name__ = "float"
-    return parse
-
-
-POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
-
-
-def _device_problem(device: str) -> str | None:
-    """Why torch cannot place tensors on ``device`` here (``None``: it can, or ``auto``)."""
-    if device in ("cpu", "auto"):
-        return None
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        return "not a device (cpu, cuda, cuda:1, ...)"
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            return "CUDA is not available here (use cpu)"
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
-    return None
-
-
-def check_device(device: str, what: str) -> str:
-    """``device`` when torch can use it here, else a one-line :class:`ValueError` naming ``what``."""
-    problem = _device_problem(device)
-    if problem:
-        raise ValueError(f"{what}={device!r}: {problem}")
-    return device
-
-
-def _device(text: str) -> str:
-    """The argparse type of ``--device``."""
-    problem = _device_problem(text)
-    if problem:
-        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
-    return text
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -243,93 +178,10 @@ def _cmd_demo(args: argparse.Namespace) -> None:
              overrides=overrides, finetune_epochs=args.finetune_epochs, fresh=args.fresh, console=console)
 
 
-def _cmd_eval_cls(args: argparse.Namespace) -> None:
-    from .data import DataConfig, resolve_data_arg
-    from .precision import autocast_dtype
-    from .tasks.classification import evaluate_checkpoint
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from .tasks import get_task_class
 
-    dataset, root = resolve_data_arg(args.data, args.dataset)
-    data = DataConfig(dataset=dataset, root=root, image_size=args.image_size, limit=args.limit,
-                      crop_pct=args.crop_pct)
-    amp = autocast_dtype(args.dtype)
-    metrics = evaluate_checkpoint(args.checkpoint, data, split=args.split, batch_size=args.batch_size,
-                                  workers=args.workers, device=args.device, amp_dtype=amp,
-                                  progress=not args.json and console.is_terminal)
-    if args.json:
-        print(json.dumps({"checkpoint": args.checkpoint, "dataset": dataset, "root": root,
-                          "split": args.split, **metrics.to_dict()}))
-        return
-    console.print(f"[bold]{args.checkpoint}[/] on {dataset} {args.split} ({metrics.num_samples} images): "
-                  f"top-1 [bold]{metrics.top1:.2f}%[/], top-5 {metrics.top5:.2f}%, loss {metrics.loss:.4f}")
-    if metrics.skipped:
-        console.print(f"[yellow]skipped {metrics.skipped} unreadable images[/]")
-    table = Table(title="per-class top-1")
-    for column in ("label", "class", "images", "top-1 (%)"):
-        table.add_column(column, justify="right" if column != "class" else "left")
-    names = metrics.classes or [str(i) for i in range(len(metrics.per_class))]
-    for i, (name, count, acc) in enumerate(zip(names, metrics.per_class_count, metrics.per_class)):
-        table.add_row(str(i), str(name), str(count), "-" if acc is None else f"{acc:.2f}")
-    console.print(table)
-
-
-def _cmd_eval_det(args: argparse.Namespace) -> None:
-    from .data.coco import DetectionDataConfig
-    from .precision import autocast_dtype
-    from .tasks.detection import evaluate_checkpoint
-
-    data = DetectionDataConfig(root=args.data, val_split=args.split, val_ann=args.ann_file,
-                               val_images=args.images, limit=args.limit)
-    amp = autocast_dtype(args.dtype)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                   f"eval_{os.path.basename(args.split)}")
-    metrics = evaluate_checkpoint(args.checkpoint, data, batch_size=args.batch_size, workers=args.workers,
-                                  device=args.device, amp_dtype=amp, save_to=out,
-                                  progress=not args.json and console.is_terminal)
-    if args.json:
-        print(json.dumps({"checkpoint": args.checkpoint, "data": args.data, "split": args.split, "out": out,
-                          **metrics}))
-        return
-    table = Table(title=f"{args.checkpoint} on {args.data} {args.split} ({metrics['num_images']} images)")
-    for column in ("", "AP", "AP50", "AP75", "APs", "APm", "APl"):
-        table.add_column(column, justify="right")
-    for kind in ("bbox", "segm"):
-        if f"{kind}_AP" in metrics:
-            table.add_row(kind, *(f"{metrics[f'{kind}_{m}']:.1f}" for m in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
-    console.print(table)
-    if metrics["skipped"]:
-        console.print(f"[yellow]left out {metrics['skipped']} unreadable images[/]")
-    console.print(f"detections (COCO results format) and metrics in {out}")
-
-
-def _cmd_eval_seg(args: argparse.Namespace) -> None:
-    from .data.semseg import SegmentationDataConfig
-    from .precision import autocast_dtype
-    from .tasks.segmentation import evaluate_checkpoint
-
-    split = "train" if args.split == "train" else "val"
-    folder_name = {} if args.split in ("train", "val") else {"val_split": args.split}  # another folder under --data
-    data = SegmentationDataConfig(dataset=args.dataset, root=args.data, classes=args.classes,
-                                  ignore_index=args.ignore_index, limit=args.limit, **folder_name,
-                                  **{f"{split}_images": args.images, f"{split}_masks": args.masks})
-    amp = autocast_dtype(args.dtype)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_seg_{split}")
-    metrics = evaluate_checkpoint(args.checkpoint, data, split=split, device=args.device, amp_dtype=amp,
-                                  mode=args.mode, flip=args.flip, workers=args.workers, save_to=out,
-                                  progress=not args.json and console.is_terminal)
-    if args.json:
-        print(json.dumps({"checkpoint": args.checkpoint, "data": args.data, "split": args.split, "out": out,
-                          **metrics.to_dict()}))
-        return
-    console.print(f"[bold]{args.checkpoint}[/] on {args.images or args.data} ({metrics.num_images} images): "
-                  f"mIoU [bold]{metrics.mIoU:.2f}[/], mAcc {metrics.mAcc:.2f}, aAcc {metrics.aAcc:.2f}")
-    table = Table(title="per-class IoU / Acc (%)")
-    for column in ("label", "class", "IoU", "Acc"):
-        table.add_column(column, justify="left" if column == "class" else "right")
-    names = metrics.classes or [str(i) for i in range(len(metrics.per_class_iou))]
-    for i, (name, iou, acc) in enumerate(zip(names, metrics.per_class_iou, metrics.per_class_acc)):
-        table.add_row(str(i), str(name), "-" if iou is None else f"{iou:.2f}", "-" if acc is None else f"{acc:.2f}")
-    console.print(table)
-    console.print(f"metrics in {out}")
+    get_task_class(args.task).run_eval_command(args, console)
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
@@ -340,17 +192,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(result["predictions"]))
         return
-    for path, pred in result["predictions"].items():
-        if "top" in pred:
-            top = ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in pred["top"])
-            console.print(f"{path}: {top}")
-        elif "labels_png" in pred:
-            shares = ", ".join(f"{c} {100 * share:.1f}%" for c, share in
-                               sorted(pred["classes"].items(), key=lambda item: -item[1]))
-            console.print(f"{path}: {shares}")
-        else:
-            found = ", ".join(f"{c} {s:.2f}" for c, s in zip(pred["classes"], pred["scores"])) or "nothing"
-            console.print(f"{path}: {found}")
+    for path, line in result["descriptions"].items():
+        console.print(f"{path}: {line}")
     console.print(f"wrote {result['json']}" + (f" and {len(result['images'])} drawn images to {args.out}"
                                                if result["images"] else ""))
 
@@ -381,11 +224,6 @@ def _cmd_data_trees(args: argparse.Namespace) -> None:
                   "data.train_split=train data.val_split=val)")
 
 
-#: autocast dtypes by name: the keys of piip.precision.AUTOCAST_DTYPES (not imported here: it imports
-#: torch, which the parser does not need)
-DTYPES = ("fp32", "bf16", "fp16")
-
-
 def _add_eval_run_options(p: argparse.ArgumentParser) -> None:
     """How every ``piip eval`` subcommand runs: loader workers, image limit, device, dtype, output."""
     p.add_argument("--workers", type=NON_NEGATIVE, default=0, help="DataLoader worker processes")
@@ -395,12 +233,8 @@ def _add_eval_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .tasks.base import task_names
-
-    parser = argparse.ArgumentParser(prog="piip", description="Parameter-Inverted Image Pyramid Networks")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_model_commands(sub) -> None:
+    """`piip` subcommands: list, flops and bench: the registered variants, their counts and speed."""
     p = sub.add_parser("list", help="list registered variants")
     p.add_argument("pattern", nargs="?", default="*")
     p.set_defaults(func=_cmd_list)
@@ -434,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_bench)
 
+
+def _add_convert_and_demo(sub) -> None:
+    """`piip` subcommands: convert the authors' checkpoints; the demonstrations."""
     p = sub.add_parser("convert", help="convert an authors' PIIP checkpoint to piip's safetensors format")
     p.add_argument("checkpoint", help="their .pth (MMDetection, MMSegmentation, DeepSpeed or classification layout)")
     p.add_argument("--config", required=True,
@@ -466,47 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="retrain runs that already finished in --out")
     p.set_defaults(func=_cmd_demo)
 
+
+def _add_eval_and_data(sub) -> None:
+    """`piip` subcommands: eval (one subcommand per registered task, its options from the task) and data."""
     p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset (one subcommand per task)")
     tasks = p.add_subparsers(dest="task", required=True)
-    p = tasks.add_parser("cls", help="classification: top-1 / top-5 / per-class accuracy")
-    p.add_argument("--checkpoint", required=True, help="a piip classification checkpoint (.safetensors)")
-    p.add_argument("--data", required=True,
-                   help="'fashion_mnist' (default folder), a folder of Fashion-MNIST IDX files, or an "
-                        "ImageFolder root with train/<class>/ and val/<class>/")
-    p.add_argument("--dataset", choices=("fashion_mnist", "imagefolder"), help="default: inferred from --data")
-    p.add_argument("--split", choices=("val", "train"), default="val")
-    p.add_argument("--image-size", type=POSITIVE, help="default: the model's input size")
-    p.add_argument("--crop-pct", type=_fraction(low_open=True),
-                   help="eval centre-crop fraction (default: 0.875 ImageFolder, 1.0 Fashion-MNIST)")
-    p.add_argument("--batch-size", type=POSITIVE, default=64)
-    _add_eval_run_options(p)
-    p.set_defaults(func=_cmd_eval_cls)
-    p = tasks.add_parser("det", help="detection: COCO box and mask AP")
-    p.add_argument("--checkpoint", required=True, help="a piip detector checkpoint (.safetensors)")
-    p.add_argument("--data", help="a COCO-style root: annotations/instances_<split>.json and <split>/")
-    p.add_argument("--split", default="val2017", help="split name under --data (default val2017)")
-    p.add_argument("--ann-file", help="the annotation JSON (instead of the --data layout)")
-    p.add_argument("--images", help="the image folder (instead of the --data layout)")
-    p.add_argument("--out", help="folder for detections.json and metrics.json (default: beside the checkpoint)")
-    p.add_argument("--batch-size", type=POSITIVE, default=2)
-    _add_eval_run_options(p)
-    p.set_defaults(func=_cmd_eval_det)
-    p = tasks.add_parser("seg", help="semantic segmentation: mIoU / mAcc / aAcc and per-class IoU")
-    p.add_argument("--checkpoint", required=True, help="a piip segmenter checkpoint (.safetensors)")
-    p.add_argument("--data", help="an ADE20K-layout root: images/<split>/ and annotations/<split>/")
-    p.add_argument("--dataset", choices=("ade20k", "folder"), default="ade20k",
-                   help="ade20k: label 0 = 'other' -> ignore, the rest shifted down; folder: labels as stored")
-    p.add_argument("--split", default="val",
-                   help="'val' (ADE20K's validation/), 'train' (training/) or a folder name under --data")
-    p.add_argument("--images", help="the image folder (instead of the --data layout)")
-    p.add_argument("--masks", help="the mask folder, files named as the images (instead of the --data layout)")
-    p.add_argument("--classes", help="a text file with one class name per line (folder layout)")
-    p.add_argument("--ignore-index", type=int, default=255, help="label of pixels without a class")
-    p.add_argument("--mode", choices=("whole", "slide"), help="inference (default: the checkpoint's)")
-    p.add_argument("--flip", action="store_true", help="average with the mirrored image's prediction")
-    p.add_argument("--out", help="folder for metrics.json (default: beside the checkpoint)")
-    _add_eval_run_options(p)
-    p.set_defaults(func=_cmd_eval_seg)
+    for task in task_classes():
+        p = tasks.add_parser(task.name, help=task.eval_help)
+        p.add_argument("--checkpoint", required=True, help=f"a piip {task.name} checkpoint (.safetensors)")
+        task.add_eval_arguments(p)
+        _add_eval_run_options(p)
+        p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("data", help="make datasets")
     kinds = p.add_subparsers(dest="kind", required=True)
@@ -526,11 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="both photographs: 46 crops, 678 crowns (default: one photograph, 10 crops, 238 crowns)")
     p.set_defaults(func=_cmd_data_trees)
 
+
+def _add_predict_and_train(sub) -> None:
+    """`piip` subcommands: predict and train."""
     p = sub.add_parser("predict", help="run a checkpoint on images: drawn detections / segmentation overlays / "
                                        "top-5 classes + JSON")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--checkpoint", required=True, help="a piip detector, segmenter or classifier checkpoint")
-    p.add_argument("--score-threshold", type=_fraction(low_open=False), default=0.5,
+    p.add_argument("--score-threshold", type=fraction(low_open=False), default=0.5,
                    help="detections below are not shown")
     p.add_argument("--out", default="predictions", help="output folder (drawn images, predictions.json)")
     p.add_argument("--device", type=_device, default="cpu")
@@ -548,6 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the run's latest checkpoint (or from the given checkpoint file)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=_cmd_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="piip", description="Parameter-Inverted Image Pyramid Networks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_model_commands(sub)
+    _add_convert_and_demo(sub)
+    _add_eval_and_data(sub)
+    _add_predict_and_train(sub)
     return parser
 
 
@@ -569,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, NotImplementedError, FloatingPointError) as error:
         return _fail(error)
     except RuntimeError as error:
-        from .weights.pretrained import HubUnavailableError
+        from .weights import HubUnavailableError
 
         if not isinstance(error, HubUnavailableError):
             raise  # a programming error: its traceback

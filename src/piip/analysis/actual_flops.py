@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
-from ..models.config import PIIPConfig
+from ..config.model import PIIPConfig
 
 __all__ = ["ActualComplexity", "actual_complexity"]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal, Union
 
-from ..models.config import PIIPConfig
+from ..config.model import PIIPConfig
 from .actual_flops import ActualComplexity, actual_complexity
 from .paper_flops import PaperComplexity, paper_complexity
 

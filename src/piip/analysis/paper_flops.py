@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..models.config import BranchConfig, PIIPConfig
+from ..config.model import BranchConfig, PIIPConfig
 
 __all__ = ["PartComplexity", "PaperComplexity", "paper_complexity"]
 

@@ -33,7 +33,7 @@ import gzip
 import logging
 import os
 import random
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..config.typed import Serializable
 from .unreadable import DECODE_ERRORS, SkipsUnreadable
 
 __all__ = ["DataConfig", "build_transforms", "build_dataset", "check_num_classes", "FashionMNIST",
@@ -65,7 +66,7 @@ _SPLITS = ("train", "val")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Serializable):
     """How to build a classification dataset and its transforms (JSON-serialisable).
 
     Attributes:
@@ -143,19 +144,6 @@ class DataConfig:
             return default_fashion_mnist_root()
         raise ValueError("DataConfig.root is required for dataset='imagefolder' "
                          "(a folder with train/<class>/ and val/<class>/ sub-folders)")
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["mean"], data["std"] = list(self.mean), list(self.std)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DataConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown DataConfig fields {unknown}")
-        return cls(**data)
 
 
 def default_fashion_mnist_root() -> str:
@@ -469,7 +457,7 @@ def build_dataset(cfg: DataConfig, split: str, transform: Callable | None = None
 
 def check_num_classes(dataset: Dataset, model: Any) -> None:
     """Raise ``ValueError`` unless ``model`` is a classifier whose head has one output per class of
-    ``dataset`` (``model`` may also be a :class:`~piip.models.config.PIIPConfig` or an int)."""
+    ``dataset`` (``model`` may also be a :class:`~piip.config.model.PIIPConfig` or an int)."""
     classes = getattr(dataset, "classes", None)
     if classes is None:
         raise ValueError(f"{type(dataset).__name__} has no .classes list to check against the model head")

@@ -128,7 +128,8 @@ def _draw_predictions(results: list[DenseDemoResult], scenes: Path, path: Path, 
     import torch
     from PIL import Image
 
-    from ..tasks.predict import _load_image, draw_detections, predict
+    from ..tasks.drawing import draw_detections, load_image
+    from ..tasks.predict import predict
     from ..weights.checkpoint import load_checkpoint
 
     files = sorted((scenes / "val").glob("*.png"))[:count]
@@ -137,7 +138,7 @@ def _draw_predictions(results: list[DenseDemoResult], scenes: Path, path: Path, 
         model = load_checkpoint(Path(r.out_dir) / "model.safetensors")
         row = []
         for file in files:
-            image = _load_image(file)
+            image = load_image(file)
             (pred,) = predict(model, [image], score_threshold=0.0)
             pred = {k: v[:top] for k, v in pred.items()}
             side = max(SCENES_CANVAS)

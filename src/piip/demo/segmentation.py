@@ -75,13 +75,14 @@ def _draw(results: list[DenseDemoResult], scenes: Path, path: Path, count: int =
     import torch
     from PIL import Image
 
-    from ..tasks.predict import _load_image, legend_strip, overlay_segmentation, predict
+    from ..tasks.drawing import legend_strip, load_image, overlay_segmentation
+    from ..tasks.predict import predict
     from ..weights.checkpoint import load_checkpoint
 
     files = sorted((scenes / "images" / "validation").glob("*.jpg"))[:count]
     classes = [line for line in (scenes / "classes.txt").read_text().splitlines() if line]
     side = max(SCENES_CANVAS)
-    images = [_load_image(file) for file in files]
+    images = [load_image(file) for file in files]
     truth = [np.asarray(Image.open(scenes / "annotations" / "validation" / f"{file.stem}.png")).astype(np.int64) - 1
              for file in files]  # the PNGs store class + 1 (ADE20K's convention)
     label_rows = [[torch.from_numpy(label) for label in truth]]

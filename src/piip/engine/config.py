@@ -14,7 +14,7 @@ Example (JSON)::
      "optim": {"lr": 3e-5, "epochs": 20, "batch_size": 1024},
      "run":   {"out_dir": "runs/demo", "amp": "bf16"}}
 
-``model.piip`` may hold a whole :class:`~piip.models.config.PIIPConfig` dict (``PIIPConfig.to_dict()``
+``model.piip`` may hold a whole :class:`~piip.config.model.PIIPConfig` dict (``PIIPConfig.to_dict()``
 layout: explicit branch widths, depths, resolutions, interaction groups) instead of a registered
 ``model.name``. The configs shipped in ``piip/configs/`` are loaded by name
 (``load_config("fashion_mnist")``).
@@ -37,17 +37,18 @@ out-of-range numbers (a batch size below 1, a negative lr, ...). Every such erro
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-__all__ = ["ModelConfig", "OptimConfig", "AugConfig", "RunConfig", "TrainConfig", "CONFIG_DIR",
+from ..config.typed import (Serializable, accepts_none, apply_overrides as apply_field_overrides, build_config,
+                            check_value, parse_value, split_override, yaml_problem)
+from .task import get_task_class
+
+__all__ = ["MODEL_OVERRIDES", "ModelConfig", "OptimConfig", "AugConfig", "RunConfig", "TrainConfig", "CONFIG_DIR",
            "list_configs", "resolve_config_path", "load_config", "apply_overrides", "parse_value",
            "check_value", "accepts_none"]
 
@@ -76,6 +77,9 @@ class ModelConfig:
             ``pretrained``/``branch_weights``).
         head: the task's head settings (detection: ``{"masks": true, "fpn_channels": 256, ...}``,
             see the task's head config); empty for classification.
+        overrides: any other setting of the network, by the names of
+            :meth:`PIIPConfig.with_overrides <piip.config.model.PIIPConfig.with_overrides>`
+            (``model.overrides.qk_norm=true``, ``model.overrides.interaction={num_points: 8}``).
     """
 
     name: str = ""
@@ -93,6 +97,12 @@ class ModelConfig:
     branch_weights: dict | None = None
     checkpoint: str | None = None
     head: dict = field(default_factory=dict)
+    overrides: dict | None = None
+
+
+#: the :class:`ModelConfig` fields that are overrides of the network (``PIIPConfig.with_overrides``)
+MODEL_OVERRIDES = ("resolutions", "num_classes", "interactions", "interaction_attn", "cls_head", "cls_pool",
+                   "drop_path_rate", "branch_drop_path", "interaction_drop_path")
 
 
 @dataclass
@@ -199,7 +209,7 @@ class RunConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Serializable):
     """A whole training run."""
 
     task: str = "cls"
@@ -211,13 +221,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Type the ``data`` section with the task's data config (a dict is checked field by field)."""
-        from ..tasks.base import get_task_class
-
         data_cls = get_task_class(self.task).data_config
         if self.data is None:
             self.data = data_cls()
         elif isinstance(self.data, dict):
-            self.data = _build(data_cls, self.data, "data.")
+            self.data = build_config(data_cls, self.data, "data.")
         elif not isinstance(self.data, data_cls):
             raise ValueError(f"data must be a {data_cls.__name__} for task {self.task!r}, "
                              f"got {type(self.data).__name__}")
@@ -230,238 +238,8 @@ class TrainConfig:
         _validate(self)
         return self
 
-    # -- serialisation -------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        return _build(cls, data, "")
-
-    @classmethod
-    def from_json(cls, text: str) -> "TrainConfig":
-        return cls.from_dict(json.loads(text))
-
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(self.to_json())
-
-
-# -- construction and coercion -----------------------------------------------------------------
-def _build(cls, data: Any, where: str):
-    if not isinstance(data, dict):
-        raise ValueError(f"config section {where.rstrip('.') or '<root>'} must be a mapping, got {data!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {[f'{where}{u}' for u in unknown]}; "
-                         f"{cls.__name__} fields are {sorted(names)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        tp = hints[key]
-        if value is None and not accepts_none(tp):
-            continue  # null: the field's default
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{where}{key}.")
-        else:
-            kwargs[key] = check_value(tp, value, f"{where}{key}")
-    return cls(**kwargs)
-
-
-def _args(tp) -> tuple:
-    origin = typing.get_origin(tp)
-    if origin is Union or origin is types.UnionType:
-        return typing.get_args(tp)
-    return (tp,)
-
-
-def accepts_none(tp) -> bool:
-    """Whether a field of type ``tp`` may be ``None`` (``X | None`` or ``Any``): there ``null`` is
-    ``None``; for any other field ``null`` means its default (see the module docstring)."""
-    return tp is Any or type(None) in _args(tp)
-
-
-def _type_name(tp) -> str:
-    if isinstance(tp, type) and not typing.get_args(tp):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
-#: the kinds of values :func:`check_value` knows; other declared types are taken as given
-_CHECKED = (float, int, bool, str, list, tuple, dict)
-
-
-def check_value(tp, value, where: str):
-    """Validate / lightly convert an already-parsed value (from JSON/YAML) against ``tp``: ints for
-    floats, lists for tuples, element by element where ``tp`` names the elements (``tuple[int, ...]``,
-    ``list[float]``, ``tuple[float, float, float]``). Raises a one-line :class:`ValueError` naming
-    ``where`` and the declared type."""
-    options = _args(tp)
-    if value is None:
-        if accepts_none(tp):
-            return None
-        raise ValueError(f"{where} may not be null (expected {_type_name(tp)})")
-    for opt in options:
-        if opt is Any:
-            return value
-        base = typing.get_origin(opt) or opt
-        if base not in _CHECKED and base is not type(None):
-            return value  # a type this check does not know (the config's own validation has it)
-        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if base is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if base is bool and isinstance(value, bool):
-            return value
-        if base is str and isinstance(value, str):
-            return value
-        if base in (list, tuple) and isinstance(value, (list, tuple)):
-            try:
-                return base(_check_items(opt, value, where))
-            except ValueError:
-                continue
-        if base is dict and isinstance(value, dict):
-            return value
-    raise ValueError(f"{where}={value!r} does not match the declared type {_type_name(tp)}")
-
-
-def _check_items(tp, value, where: str) -> list:
-    """The elements of a list/tuple value checked against ``list[X]``, ``tuple[X, ...]`` or
-    ``tuple[X, Y, Z]`` (a bare ``list`` / ``tuple`` takes any elements)."""
-    args = typing.get_args(tp)
-    if not args:
-        return list(value)
-    if typing.get_origin(tp) is list or (len(args) == 2 and args[1] is Ellipsis):
-        item_types = [args[0]] * len(value)
-    else:
-        if len(value) != len(args):
-            raise ValueError(f"{where} needs {len(args)} values, got {len(value)}")
-        item_types = list(args)
-    return [check_value(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(item_types, value))]
-
-
-def _is_null(tp, raw) -> bool:
-    """Whether an override's value is null: ``None``, ``null``, or ``none`` except for a plain
-    text field (``data.augment=none`` is the text "none")."""
-    if raw is None:
-        return True
-    if not isinstance(raw, str):
-        return False
-    text = raw.strip().lower()
-    return text == "null" or (text == "none" and (accepts_none(tp) or str not in _args(tp)))
-
-
-def _default(obj, name: str, where: str):
-    """The dataclass default of field ``name`` of ``obj`` (what ``null`` means for a field that
-    cannot be ``None``)."""
-    f = next(f for f in dataclasses.fields(obj) if f.name == name)
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    raise ValueError(f"{where} has no default and may not be null")
-
-
-def _yaml_problem(err: Exception) -> str:
-    """A YAML parser error in one line: what is wrong and where."""
-    mark = getattr(err, "problem_mark", None)
-    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return " ".join(f"{getattr(err, 'problem', None) or err}{at}".split())
-
-
-def _yaml(text: str, where: str):
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ValueError(f"cannot read {where}={text!r}: not valid YAML ({_yaml_problem(err)})") from None
-
-
-def parse_value(tp, raw: str, where: str = "value"):
-    """Coerce a command-line string to the field type ``tp`` (lists, tuples and mappings as YAML
-    flow values, ``[0.1,0.05]``, their elements checked against ``tp``)."""
-    options = _args(tp)
-    text = raw.strip()
-    if text.lower() in ("none", "null") and accepts_none(tp):
-        return None
-    for opt in options:
-        base = typing.get_origin(opt) or opt
-        try:
-            if base is bool:
-                if text.lower() in ("true", "1", "yes", "on"):
-                    return True
-                if text.lower() in ("false", "0", "no", "off"):
-                    return False
-                continue
-            if base is int:
-                return int(text)
-            if base is float:
-                return float(text)
-            if base in (list, tuple, dict):
-                value = _yaml(text, where)
-                if isinstance(value, (list, dict)):
-                    return check_value(opt, value, where)
-                continue
-            if base is str:
-                return raw
-            if opt is Any:
-                return _yaml(text, where)
-        except ValueError:
-            continue
-    raise ValueError(f"cannot read {where}={raw!r} as {_type_name(tp)}")
-
-
-def apply_overrides(cfg: TrainConfig, overrides: list[str] | dict[str, str]) -> TrainConfig:
-    """Apply ``["optim.lr=1e-4", "run.amp=bf16", ...]`` in place (and return ``cfg``). ``null``
-    sets a field that accepts ``None`` to ``None`` and any other field to its default."""
-    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
-    for key, raw in items:
-        parts = key.split(".")
-        target = cfg
-        for part in parts[:-1]:
-            if isinstance(target, dict):
-                target = target.setdefault(part, {})
-            elif dataclasses.is_dataclass(target) and hasattr(target, part):
-                if getattr(target, part) is None and "dict" in str(typing.get_type_hints(type(target))[part]):
-                    setattr(target, part, {})  # an unset mapping (e.g. model.branch_weights) starts empty
-                target = getattr(target, part)
-            else:
-                raise ValueError(f"unknown config key {key!r} (no section {part!r})")
-            if not (isinstance(target, dict) or dataclasses.is_dataclass(target)):
-                raise ValueError(f"config key {key!r}: {part!r} is a value, not a section")
-        leaf = parts[-1]
-        if isinstance(target, dict):  # free-form section (model.head, ...): YAML-typed, checked by its owner
-            target[leaf] = _yaml(raw, key) if isinstance(raw, str) and raw else raw
-            continue
-        names = {f.name: f for f in dataclasses.fields(target)}
-        if leaf not in names:
-            raise ValueError(f"unknown config key {key!r}; {type(target).__name__} fields are "
-                             f"{sorted(names)}")
-        tp = typing.get_type_hints(type(target))[leaf]
-        if dataclasses.is_dataclass(tp):
-            raise ValueError(f"{key!r} is a section; override its fields ({key}.FIELD=VALUE)")
-        if _is_null(tp, raw):
-            value = None if accepts_none(tp) else _default(target, leaf, key)
-        else:
-            value = parse_value(tp, raw, key) if isinstance(raw, str) else check_value(tp, raw, key)
-        if target is cfg and leaf == "task" and value != cfg.task:
-            raise ValueError(f"{key}={raw!r}: the task of a run is the command's (piip train TASK) or the "
-                             f"config file's, not an override")
-        setattr(target, leaf, value)
-    return cfg
-
-
-def _split(item: str) -> tuple[str, str]:
-    if "=" not in item:
-        raise ValueError(f"override {item!r} is not of the form key.sub=value")
-    key, value = item.split("=", 1)
-    if not key.strip():
-        raise ValueError(f"override {item!r} has no key (section.field=value)")
-    return key.strip(), value
 
 
 # -- ranges ------------------------------------------------------------------------------------
@@ -481,6 +259,18 @@ _RANGES = {
     "run.save_every_steps": "[0, inf)", "run.keep_last": "[0, inf)", "run.halt_at_step": "[0, inf)",
     "run.num_workers": "[0, inf)",
 }
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str] | dict[str, Any]) -> TrainConfig:
+    """Apply ``["optim.lr=1e-4", "run.amp=bf16", ...]`` in place (and return ``cfg``); see
+    :func:`piip.config.typed.apply_overrides`. The task is the command's or the file's, never an
+    override."""
+    items = overrides.items() if isinstance(overrides, dict) else [split_override(o) for o in overrides]
+    for key, raw in items:
+        if key == "task" and raw != cfg.task:
+            raise ValueError(f"{key}={raw!r}: the task of a run is the command's (piip train TASK) or the "
+                             f"config file's, not an override")
+    return apply_field_overrides(cfg, dict(items))
 
 
 def _check_range(where: str, value, spec: str) -> None:
@@ -551,7 +341,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             try:
                 data = yaml.safe_load(text)
             except yaml.YAMLError as err:
-                raise ValueError(f"{path} is not valid YAML: {_yaml_problem(err)}") from None
+                raise ValueError(f"{path} is not valid YAML: {yaml_problem(err)}") from None
             data = {} if data is None else data
         elif not text.strip():
             raise ValueError(f"{path} is empty (a JSON config holds at least {{}})")

@@ -29,7 +29,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..models.config import BranchConfig
+from ..config.model import BranchConfig
 
 __all__ = ["ViTBranch", "FullWidthQKNormAttention", "window_attention", "window_attention_after_qkv"]
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from ..models.config import InteractionConfig
+from ..config.model import InteractionConfig
 from ..ops import MSDeformAttn
 
 __all__ = ["ConvFFN", "CrossAttention", "Injector", "InteractionUnit", "Interaction", "reference_points"]

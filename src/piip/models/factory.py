@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-from .config import PIIPConfig
+from ..config.model import PIIPConfig
 from .piip import PIIP
 from .registry import get_config
 
@@ -40,7 +40,7 @@ def create_model(
             strictly into the built model; the overrides must describe the same network.
         overrides: ``task="det"|"seg"|"cls"``, ``resolutions=(1344, 896, 448)`` or ``"1344/896/448"``
             (finest first), ``interactions=N``, ``interaction_attn="deform"|"regular"``,
-            ``num_classes=N``, and any :class:`~piip.models.config.BranchConfig` field applied to
+            ``num_classes=N``, and any :class:`~piip.config.model.BranchConfig` field applied to
             every branch.
 
     Build on the ``meta`` device (``with torch.device("meta"):``) to inspect a 6B-scale variant
@@ -56,7 +56,7 @@ def create_model(
         config = get_config(name, **overrides)
     model = PIIP(config)
     if pretrained or branch_weights:
-        from ..weights.pretrained import load_branch_weights
+        from ..weights import load_branch_weights
 
         model.pretrained_report = load_branch_weights(model, branch_weights, use_hub=pretrained)
     elif checkpoint is not None:

@@ -25,7 +25,7 @@ from ..layers.branch import ViTBranch
 from ..layers.heads import BranchMerge, MergedClassifier, SimpleFeaturePyramid
 from ..layers.interaction import Interaction
 from ..ops import MSDeformAttn, use_onednn_linears
-from .config import PIIPConfig
+from ..config.model import PIIPConfig
 
 __all__ = ["PIIP"]
 

@@ -6,12 +6,11 @@ every variant accepts the same knobs.
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import fnmatch
 from typing import Callable, Sequence
 
-from .config import PIIPConfig
+from ..config.model import PIIPConfig, segmentation_form
 
 __all__ = ["register_variant", "list_models", "get_config", "resolve_name", "describe"]
 
@@ -38,13 +37,8 @@ def register_variant(name: str, *, aliases: Sequence[str] = (), description: str
     return decorator
 
 
-def _ensure_loaded() -> None:
-    from . import tiny, variants  # noqa: F401  (register their variants on import)
-
-
 def list_models(pattern: str = "*", include_aliases: bool = False) -> list[str]:
     """Registered variant names matching a shell-style ``pattern``, sorted."""
-    _ensure_loaded()
     names = list(_VARIANTS) + (list(_ALIASES) if include_aliases else [])
     return sorted(n for n in names if fnmatch.fnmatch(n, pattern.lower()))
 
@@ -55,7 +49,6 @@ def describe(name: str) -> str:
 
 def resolve_name(name: str) -> str:
     """Canonical name for ``name`` or an alias; unknown names raise with the closest matches."""
-    _ensure_loaded()
     key = name.lower()
     if key in _VARIANTS:
         return key
@@ -66,47 +59,19 @@ def resolve_name(name: str) -> str:
     raise ValueError(f"unknown PIIP variant {name!r}{hint} (see piip.list_models())")
 
 
-def get_config(
-    name: str,
-    *,
-    task: str = "det",
-    resolutions: Sequence[int] | str | None = None,
-    interactions: int | None = None,
-    interaction_attn: str | None = None,
-    num_classes: int | None = None,
-    **branch_overrides,
-) -> PIIPConfig:
-    """The config of variant ``name`` with the generic overrides applied.
+def get_config(name: str, *, task: str = "det", **overrides) -> PIIPConfig:
+    """The config of variant ``name`` in its ``task`` form, with ``overrides`` applied
+    (:meth:`PIIPConfig.with_overrides <piip.config.model.PIIPConfig.with_overrides>`: ``resolutions``,
+    ``interactions``, ``interaction_attn``, ``num_classes``, any branch field such as
+    ``drop_path_rate=0.0`` ...).
 
     ``task``: ``"det"`` (the dense backbone as the authors' detection code builds it), ``"seg"``
     (the same network as their segmentation code builds it: global attention, position embeddings
-    at the branch's resolution; see :func:`~piip.models.variants.segmentation_form`) or ``"cls"``.
-    ``branch_overrides`` are :class:`~piip.models.config.BranchConfig` fields applied to every
-    branch (e.g. ``drop_path_rate=0.0``).
+    at the branch's resolution; see :func:`~piip.config.model.segmentation_form`) or ``"cls"``.
     """
     if task not in ("det", "seg", "cls"):
         raise ValueError(f"task must be 'det', 'seg' or 'cls', got {task!r}")
     config = _VARIANTS[resolve_name(name)]("cls" if task == "cls" else "det")
     if task == "seg":
-        from .variants import segmentation_form
-
         config = segmentation_form(config)
-    if resolutions is not None:
-        config = config.with_resolutions(resolutions)
-    if interactions is not None:
-        config = config.with_interactions(interactions)
-    if interaction_attn is not None:
-        if interaction_attn not in ("deform", "regular"):
-            raise ValueError(f"interaction_attn must be 'deform' or 'regular', got {interaction_attn!r}")
-        config = dataclasses.replace(
-            config, interaction=dataclasses.replace(config.interaction, attn_type=interaction_attn))
-    if num_classes is not None:
-        config = dataclasses.replace(config, num_classes=num_classes)
-    if branch_overrides:
-        fields = {f.name for f in dataclasses.fields(config.branches[0])}
-        unknown = sorted(set(branch_overrides) - fields)
-        if unknown:
-            raise TypeError(f"unknown override(s) {unknown}; branch fields are {sorted(fields)}")
-        config = dataclasses.replace(config, branches=tuple(
-            dataclasses.replace(b, **branch_overrides) for b in config.branches))
-    return config
+    return config.with_overrides(**overrides)

@@ -18,7 +18,7 @@ to each branch's resolution on load, as for ImageNet-pretrained branches).
 """
 from __future__ import annotations
 
-from .config import BranchConfig, InteractionConfig, PIIPConfig, even_interaction_indexes
+from ..config.model import BranchConfig, InteractionConfig, PIIPConfig, even_interaction_indexes
 from .registry import register_variant
 
 __all__ = ["TINY_BRANCHES", "tiny_branch"]

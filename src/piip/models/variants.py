@@ -5,7 +5,7 @@ feature pyramid; detection/segmentation) or ``"cls"`` (classification). The sett
 authors' shipped configs (reference notes §3.2 detection, §3.4 classification) and, where no config
 was released, from the paper's text and tables (Table 3, Table 9, Appendix C).
 
-Conventions (see :mod:`piip.models.config`): ``branches[0]`` is branch 1, the *largest* model at
+Conventions (see :mod:`piip.config.model`): ``branches[0]`` is branch 1, the *largest* model at
 the *lowest* resolution; resolution strings are finest first ("1120/896/448" = T@1120, S@896,
 B@448 for PIIP-TSB).
 
@@ -20,15 +20,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .config import BranchConfig, InteractionConfig, PIIPConfig, even_interaction_indexes
+from ..config.model import (BranchConfig, InteractionConfig, PIIPConfig, even_interaction_indexes,
+                            segmentation_form)
+from ..weights.paper import INTERNVIT_6B_WEIGHTS
 from .registry import register_variant
 
-__all__ = ["PRESETS", "branch", "INTERNVIT_6B_WEIGHTS"]
-
-#: InternViT-6B is not in timm. The paper initialises it from InternVL's ``intern_vit_6b_224px``
-#: (Hugging Face ``OpenGVLab/InternViT-6B-224px``); load it from a local file, the preset's
-#: ``pretrained`` stays ``None``.
-INTERNVIT_6B_WEIGHTS = "OpenGVLab/InternViT-6B-224px"
+__all__ = ["PRESETS", "branch", "INTERNVIT_6B_WEIGHTS", "segmentation_form"]
 
 # -- branch presets --------------------------------------------------------------------------------
 # Architecture + pretrained source only; resolution, block groups, windows and drop path are set per
@@ -124,14 +121,6 @@ def _cls(b: BranchConfig, drop_path_rate: float | None = None) -> BranchConfig:
     if drop_path_rate is not None:
         changes["drop_path_rate"] = drop_path_rate
     return dataclasses.replace(b, **changes)
-
-
-def segmentation_form(config: PIIPConfig) -> PIIPConfig:
-    """The dense backbone as the authors' segmentation classes build it: global attention and the
-    position embeddings stored at each branch's own grid (their MMSegmentation ViTs size them for
-    ``img_size`` and never resize them). Still ``task="det"``: the same merged map and pyramid."""
-    return dataclasses.replace(config, branches=tuple(
-        dataclasses.replace(b, window_block_indexes=(), pos_embed_at_resolution=True) for b in config.branches))
 
 
 def _model(name: str, task: str, branches: list[BranchConfig], *,

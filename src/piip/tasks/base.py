@@ -1,94 +1,69 @@
-"""The task protocol: what the engine needs from a task, and the registry of tasks.
-
-The training engine (:func:`piip.engine.train`) knows no task. A task supplies its data, its model
-and what a batch costs; the engine owns the loop, the optimiser, distribution, checkpoints and
-logging. Rule of thumb: the engine never says "cls" or "det"; a task never touches DDP,
-checkpoints or the optimiser. Below the registry: what several tasks share (the ``model.head``
-check, the missing-validation fallback, fine-tuning a whole checkpointed model, the evaluation
-progress bar).
-"""
+"""What several tasks share: the ``model.head`` check, the missing-validation fallback,
+fine-tuning a whole checkpointed model, the evaluation progress bar. The task protocol and the
+registry are :mod:`piip.engine.task` (re-exported here)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ClassVar, Iterator, Protocol, runtime_checkable
+import dataclasses
+import typing
+import warnings
+from typing import Any, Callable, Iterator
 
-import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-__all__ = ["Task", "register_task", "get_task_class", "task_names", "head_settings", "evaluation_progress",
-           "optional_validation", "whole_model_checkpoint"]
+from ..config.typed import accepts_none, check_value
+from ..engine.task import Task, get_task_class, register_task, task_classes, task_for_model, task_names
+from ..models.factory import check_weight_sources
+from ..weights.checkpoint import load_checkpoint, read_checkpoint
+
+__all__ = ["Task", "BaseTask", "register_task", "get_task_class", "task_names", "task_classes", "task_for_model",
+           "head_settings", "evaluation_progress", "optional_validation", "whole_model_checkpoint"]
 
 
-@runtime_checkable
-class Task(Protocol):
-    """One task (classification, detection, ...) on the shared engine.
+class BaseTask:
+    """What makes a task folder a :class:`~piip.engine.task.Task`, declared in the class statement::
 
-    Class attributes:
-        name: the task's name on the command line (``piip train NAME``).
-        data_config: the dataclass of the run config's ``data`` section for this task.
-        metric: the evaluation result that selects the best checkpoint.
-        higher_is_better: whether a larger ``metric`` is better.
+        class DetectionTask(BaseTask, name="det", data_config=DetectionDataConfig, metric="bbox_AP",
+                            model_kind="detector", model_config=DetectorConfig,
+                            model_from_config=build_detector_from_config, evaluate_checkpoint=evaluate_checkpoint,
+                            cli=cli, inference=inference, authors_heads=(has_heads, with_heads)):
+
+    ``cli`` is the folder's module with ``HELP``, ``add_eval_arguments`` and ``run_eval_command``;
+    ``inference`` the one with ``predict``, ``save_prediction`` and ``describe_prediction``;
+    ``authors_heads`` the pair (recognise, convert) for the authors' task heads, if the task has any.
+    The class body holds the training members (``build_datasets``, ``build_model``, ``loss``, ...) and
+    ``owns(model)``.
     """
 
-    name: ClassVar[str]
-    data_config: ClassVar[type]
-    metric: ClassVar[str]
-    higher_is_better: ClassVar[bool]
+    def __init_subclass__(cls, *, name: str, data_config: type, metric: str, model_kind: str, model_config: type,
+                          model_from_config: Callable, evaluate_checkpoint: Callable, cli: Any, inference: Any,
+                          authors_heads: tuple[Callable, Callable] | None = None, higher_is_better: bool = True,
+                          **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.name, cls.data_config, cls.metric, cls.higher_is_better = name, data_config, metric, higher_is_better
+        cls.model_kind, cls.model_config = model_kind, model_config
+        cls.model_from_config = staticmethod(model_from_config)
+        cls.evaluate_checkpoint = staticmethod(evaluate_checkpoint)
+        cls.eval_help = cli.HELP
+        cls.add_eval_arguments = staticmethod(cli.add_eval_arguments)
+        cls.run_eval_command = staticmethod(cli.run_eval_command)
+        cls.predict = staticmethod(inference.predict)
+        cls.save_prediction = staticmethod(inference.save_prediction)
+        cls.describe_prediction = staticmethod(inference.describe_prediction)
+        if authors_heads is not None:
+            cls.has_authors_heads, cls.with_authors_heads = (staticmethod(f) for f in authors_heads)
 
-    def build_datasets(self, cfg: Any) -> tuple[Dataset, Dataset | None]:
-        """The training and validation datasets of a run config (validation may be ``None``)."""
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
 
-    def collate(self, batch: list) -> Any:
-        """Merge a list of dataset items into one batch."""
+    @staticmethod
+    def has_authors_heads(extra: dict) -> bool:
+        return False  # a task without heads of its own in the authors' files
 
-    # optional: ``batch_groups(dataset) -> list[int]``, a group per sample (e.g. its aspect ratio),
-    # which the engine then batches together; ``find_unused_parameters = True`` when some
-    # parameters may get no gradient in a step (DDP must be told)
-
-    def build_model(self, cfg: Any, train_dataset: Dataset) -> nn.Module:
-        """The model to train (weights from ``cfg.model``: pretrained branches or a checkpoint)."""
-
-    def loss(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, int]:
-        """``(scalar loss, images in the batch)`` of one micro-batch."""
-
-    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device,
-                 amp_dtype: torch.dtype | None, gather: Callable[[list], list],
-                 save_to: str | None = None) -> dict[str, float]:
-        """Metrics on ``loader``, this process's shard of the validation set; ``gather(items)``
-        returns every process's ``items`` (the engine's all-gather), so the task can combine them.
-        ``save_to``: a folder for the evaluation's files (predictions), given to one process only."""
-
-    def export(self, model: nn.Module, path: str) -> str:
-        """Write the trained model as a self-describing piip checkpoint; returns the path."""
-
-
-_TASKS: dict[str, type] = {}
-
-
-def register_task(cls: type) -> type:
-    """Class decorator: make a task available by its ``name``."""
-    if cls.name in _TASKS and _TASKS[cls.name] is not cls:
-        raise ValueError(f"task {cls.name!r} registered twice")
-    _TASKS[cls.name] = cls
-    return cls
-
-
-def _ensure_loaded() -> None:
-    from . import classification, detection, segmentation  # noqa: F401  (register on import)
-
-
-def task_names() -> list[str]:
-    _ensure_loaded()
-    return sorted(_TASKS)
-
-
-def get_task_class(name: str) -> type:
-    """The task class registered under ``name`` (``"cls"``, ``"det"``, ...)."""
-    _ensure_loaded()
-    if name not in _TASKS:
-        raise ValueError(f"unknown task {name!r}; tasks are {sorted(_TASKS)}")
-    return _TASKS[name]
+    @staticmethod
+    def with_authors_heads(backbone: nn.Module, converted: dict, extra: dict, settings: dict):
+        raise NotImplementedError("this task has no heads in the authors' checkpoints")
 
 
 def head_settings(head: dict[str, Any], config_cls: type, derived: tuple[str, ...], what: str) -> dict[str, Any]:
@@ -98,11 +73,6 @@ def head_settings(head: dict[str, Any], config_cls: type, derived: tuple[str, ..
     ``model.head.<field>``; ``null`` for a field that cannot be ``None`` means its default (the key
     is dropped: ``model.head.class_weight=null`` removes a recipe's weights), as everywhere in the
     run config (:mod:`piip.engine.config`)."""
-    import dataclasses
-    import typing
-
-    from ..engine.config import accepts_none, check_value
-
     if not isinstance(head, dict):
         raise ValueError(f"model.head must be a mapping of {what} settings, got {head!r}")
     allowed = sorted(f.name for f in dataclasses.fields(config_cls) if f.name not in derived)
@@ -141,8 +111,6 @@ def optional_validation(build: Callable[[], Dataset], explicit: bool) -> Dataset
     except (FileNotFoundError, ValueError) as err:
         if explicit:
             raise
-        import warnings
-
         warnings.warn(f"no validation split ({err}); training without evaluation", RuntimeWarning, stacklevel=3)
         return None
 
@@ -151,9 +119,6 @@ def whole_model_checkpoint(model_cfg: Any, kind: str) -> nn.Module | None:
     """The run's ``model.checkpoint`` loaded whole, in training mode, when it holds a model of
     ``kind`` (fine-tuning a whole detector or segmenter); ``None`` when the run builds its model (the
     checkpoint then holds a backbone). The weight sources are checked either way."""
-    from ..models.factory import check_weight_sources
-    from ..weights.checkpoint import load_checkpoint, read_checkpoint
-
     check_weight_sources(model_cfg.pretrained, model_cfg.branch_weights, model_cfg.checkpoint)
     if model_cfg.checkpoint is not None and read_checkpoint(model_cfg.checkpoint)["kind"] == kind:
         return load_checkpoint(model_cfg.checkpoint).train()

@@ -9,7 +9,7 @@ Layout of a file written by :func:`save_checkpoint`:
 * metadata (safetensors' string-to-string header): ``format = "piip"``, ``format_version``,
   ``piip_version``, ``model`` (the kind of model: ``"piip"`` for a backbone or classifier,
   ``"detector"``, ...), ``config`` (that model's config as JSON: a
-  :class:`~piip.models.config.PIIPConfig`, a detector's config holding its backbone's, ...),
+  :class:`~piip.config.model.PIIPConfig`, a detector's config holding its backbone's, ...),
   ``extra_prefixes`` (JSON list) and any caller-supplied provenance strings. Files of format
   version 1 (no ``model`` key) hold a PIIP.
 
@@ -27,8 +27,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..models.config import PIIPConfig
-from ..models.piip import PIIP
+from ..version import __version__
+from .errors import CheckpointError
+from .io import atomic_path
 
 __all__ = [
     "CheckpointError",
@@ -47,37 +48,21 @@ FORMAT_NAME = "piip"
 FORMAT_VERSION = "2"
 _RESERVED_META = ("format", "format_version", "piip_version", "model", "config", "extra_prefixes")
 
-#: model kind -> (config class, builder from the config); tasks register their models here
-_MODEL_KINDS: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {"piip": (PIIPConfig, PIIP)}
+#: model kind -> (config class, builder from the config). The format knows no model: ``piip.models``
+#: registers the PIIP (``"piip"``) and every task the kind it saves (:func:`piip.engine.task.register_task`)
+_MODEL_KINDS: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {}
 
 
 def register_model_kind(kind: str, config_class: type, builder: Callable[[Any], nn.Module]) -> None:
-    """Let checkpoints of another kind of model (a task's: ``"detector"``, ...) be saved and rebuilt."""
+    """Let checkpoints of a kind of model (``"piip"``, ``"detector"``, ...) be saved and rebuilt."""
+    known = _MODEL_KINDS.get(kind)
+    if known is not None and known[0] is not config_class:
+        raise ValueError(f"model kind {kind!r} is registered with {known[0].__name__} already")
     _MODEL_KINDS[kind] = (config_class, builder)
 
 
-def _model_kinds() -> dict[str, tuple[type, Callable[[Any], nn.Module]]]:
-    from .. import tasks  # noqa: F401  (the tasks register their model kinds on import)
-
-    return _MODEL_KINDS
-
-
 def _kind_of(config: Any) -> str | None:
-    return next((k for k, (cls, _) in _model_kinds().items() if type(config) is cls), None)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not fit the model.
-
-    Attributes (empty when not applicable): ``mismatched`` ``[(key, checkpoint_shape, model_shape)]``,
-    ``missing`` (model keys the checkpoint lacks), ``unexpected`` (checkpoint keys the model lacks).
-    """
-
-    def __init__(self, message: str, *, mismatched=(), missing=(), unexpected=()):
-        super().__init__(message)
-        self.mismatched = list(mismatched)
-        self.missing = list(missing)
-        self.unexpected = list(unexpected)
+    return next((k for k, (cls, _) in _MODEL_KINDS.items() if type(config) is cls), None)
 
 
 def _shape(t: Any) -> tuple[int, ...]:
@@ -217,7 +202,6 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, extra: Mapping[st
     reserved = sorted(set(header) & set(_RESERVED_META))
     if reserved:
         raise ValueError(f"metadata keys {reserved} are reserved by the piip format")
-    from .. import __version__
     header.update({
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -226,8 +210,6 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, extra: Mapping[st
         "config": config.to_json(),
         "extra_prefixes": json.dumps(extra_prefixes),
     })
-    from .io import atomic_path
-
     path = os.fspath(path)
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=header)
@@ -261,7 +243,7 @@ def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
             "'config' in its metadata); convert the authors' checkpoints with "
             "piip.compat.original.convert_checkpoint or save with piip.weights.save_checkpoint")
     kind = metadata.get("model", "piip")
-    kinds = _model_kinds()
+    kinds = _MODEL_KINDS
     if kind not in kinds:
         raise CheckpointError(f"{path!r} holds a model of kind {kind!r}, which this piip does not know "
                               f"(known: {sorted(kinds)}); it was written by piip {metadata.get('piip_version')}")
@@ -295,7 +277,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, *,
     """
     data = read_checkpoint(path, device=device)
     if model is None:
-        model = _model_kinds()[data["kind"]][1](data["config"])
+        model = _MODEL_KINDS[data["kind"]][1](data["config"])
         model.to(device)
     load_state_dict_checked(model, data["state_dict"], what=f"checkpoint {os.fspath(path)!r}")
     model.eval()

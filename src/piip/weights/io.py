@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 
 __all__ = ["OpaqueObject", "read_torch_file", "unwrap_state_dict", "STATE_DICT_CONTAINERS", "atomic_path",
            "atomic_write"]

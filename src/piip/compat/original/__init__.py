@@ -7,7 +7,7 @@ Three layers, each usable alone:
   MMDetection copy for ``task="det"``, the MMSegmentation copy for ``task="seg"``, the
   classification ``PIIPThreeBranch`` & co. for ``task="cls"``, and the single-branch
   ``vit_models`` / ``InternViT6B`` detection and segmentation baselines) into a
-  :class:`~piip.models.config.PIIPConfig` whose network computes what theirs computes. Every
+  :class:`~piip.config.model.PIIPConfig` whose network computes what theirs computes. Every
   constructor argument is converted, ignored or refused by name as the audit in :mod:`.arguments`
   says (``docs/original_arguments.md``); a key the config leaves out takes the default of *the
   class that reads it* (the two copies of ``InternViT6B`` and ``vit_models`` differ); the branch
@@ -28,7 +28,8 @@ Three layers, each usable alone:
   when they hold other objects (configs, ``argparse.Namespace``, numpy values), with a restricted
   unpickler that replaces every non-tensor class by an inert placeholder: no code from the file runs.
   :func:`convert_checkpoint` does the whole trip to piip's own safetensors format, Mask R-CNN and
-  UperNet heads included (:mod:`.mmdet_heads`, :mod:`.mmseg_heads`).
+  UperNet heads included (each task converts its own: :mod:`piip.tasks.detection.authors_heads`,
+  :mod:`piip.tasks.segmentation.authors_heads`).
 
 Quirks reproduced (reference §9): the 4-branch *detection* class builds branch 4 with branch 3's
 kwargs (``vit_models(**branch3)``), so its released checkpoints hold a ViT-S-wide branch 4; the

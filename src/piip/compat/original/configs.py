@@ -1,4 +1,4 @@
-"""The authors' backbone kwargs -> a :class:`~piip.models.config.PIIPConfig` computing the same thing.
+"""The authors' backbone kwargs -> a :class:`~piip.config.model.PIIPConfig` computing the same thing.
 
 Each argument is handled as the audit in :mod:`.arguments` says (``docs/original_arguments.md``):
 a key the config leaves out takes the default of the class that reads it, arguments that change the
@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from ...models.config import BranchConfig, InteractionConfig, PIIPConfig
+from ...config.model import BranchConfig, InteractionConfig, PIIPConfig
 from ...models.piip import PIIP
 from .arguments import class_arguments, class_defaults
 

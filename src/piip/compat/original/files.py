@@ -13,8 +13,8 @@ from ...models.piip import PIIP
 from ...weights.checkpoint import CheckpointError, save_checkpoint
 from ...weights.io import read_torch_file, unwrap_state_dict
 from .configs import _check_task, _unwrap_kwargs, build
-from .mmdet_heads import HEAD_PREFIXES, convert_mmdet_heads, has_mask_rcnn_heads, mask_rcnn_layout
-from .mmseg_heads import SEG_HEAD_PREFIXES, convert_mmseg_heads, has_upernet_heads, upernet_layout
+from ...models.registry import get_config
+from ...tasks import get_task_class, task_classes
 from .state_dict import convert_state_dict
 
 __all__ = ["load_original_checkpoint", "convert_checkpoint"]
@@ -148,7 +148,8 @@ def _resolve_config(config: str | os.PathLike | Mapping[str, Any]) -> tuple[Mapp
 
 def convert_checkpoint(src_path: str | os.PathLike, config: str | os.PathLike | Mapping[str, Any],
                        out_path: str | os.PathLike, *, task: str | None = None,
-                       use_ema: bool = False, detector: Mapping[str, Any] | None = None,
+                       use_ema: bool = False, heads: Mapping[str, Any] | None = None,
+                       detector: Mapping[str, Any] | None = None,
                        segmenter: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Convert one of the authors' checkpoint files to piip's safetensors format.
 
@@ -159,30 +160,31 @@ def convert_checkpoint(src_path: str | os.PathLike, config: str | os.PathLike | 
             matches the checkpoint.
         out_path: the ``.safetensors`` file to write (:func:`piip.weights.save_checkpoint`). An
             MMDetection Mask/Faster R-CNN file becomes a complete detector (backbone, FPN, RPN and
-            RoI heads mapped onto torchvision's modules, see :mod:`.mmdet_heads`; COCO's 80 class
-            names and ids when it has 80 classes); an MMSegmentation UperNet file a complete
-            segmenter (see :mod:`.mmseg_heads`; ADE20K's class names when it has 150 classes);
+            RoI heads mapped onto torchvision's modules, see :mod:`piip.tasks.detection.authors_heads`;
+            COCO's 80 class names and ids when it has 80 classes); an MMSegmentation UperNet file a
+            complete segmenter (see :mod:`piip.tasks.segmentation.authors_heads`; ADE20K's class
+            names when it has 150 classes): each task recognises and converts its own heads;
             other neck/head tensors (DINO's) are kept under their own prefixes next to the
             backbone. The model config is also written next to it as ``<out>.json``.
         task: ``"det"``, ``"seg"`` or ``"cls"``; inferred from the checkpoint's heads, the config
             or the backbone tensors when omitted.
         use_ema: convert a classification checkpoint's EMA weights.
-        detector: :class:`~piip.tasks.detection.DetectorConfig` settings of a converted detector
-            (e.g. ``{"size_divisible": 64}`` for the ViT baselines, which the authors padded to 64).
-        segmenter: :class:`~piip.tasks.segmentation.SegmenterConfig` settings of a converted
-            segmenter (the defaults are the authors' ADE20K test: slide 512 / 341 at (2048, 512)).
+        heads: settings of the task model built around converted heads: a detector's
+            :class:`~piip.tasks.detection.DetectorConfig` fields (e.g. ``{"size_divisible": 64}``
+            for the ViT baselines, which the authors padded to 64), a segmenter's
+            :class:`~piip.tasks.segmentation.SegmenterConfig` fields (the defaults are the authors'
+            ADE20K test: slide 512 / 341 at (2048, 512)).
+        detector, segmenter: the former names of ``heads`` for a detector / a segmenter
+            (deprecated; kept for one release).
 
     Returns a summary dict (paths, task, layout, model kind, tensor/parameter counts, kept extra prefixes).
     """
     backbone, extra, meta = load_original_checkpoint(src_path, use_ema=use_ema)
     kwargs, task_hint, label = _resolve_config(config)
-    task = task or ("seg" if has_upernet_heads(extra) else None) or task_hint or _infer_task(backbone)
+    heads_of = next((t.name for t in task_classes() if t.has_authors_heads(extra)), None)
+    task = task or heads_of or task_hint or _infer_task(backbone)
     _check_task(task)
-    if kwargs is not None:
-        model = build(kwargs, task)
-    else:
-        from ...models.registry import get_config
-        model = PIIP(get_config(label, task=task))
+    model = build(kwargs, task) if kwargs is not None else PIIP(get_config(label, task=task))
     try:
         converted = convert_state_dict(backbone, model)
     except CheckpointError as err:
@@ -206,10 +208,9 @@ def convert_checkpoint(src_path: str | os.PathLike, config: str | os.PathLike | 
     if use_ema:
         metadata["weights"] = "model_ema"
     num_tensors = len(converted)
-    if task == "det" and has_mask_rcnn_heads(extra):
-        model, extra, num_tensors = _with_mmdet_heads(model, converted, extra, detector or {})
-    elif task == "seg" and has_upernet_heads(extra):
-        model, extra, num_tensors = _with_mmseg_heads(model, converted, extra, segmenter or {})
+    if heads_of == task:  # the task's whole model: backbone and converted heads
+        settings = heads if heads is not None else (detector if task == "det" else segmenter)  # deprecated names
+        model, extra, num_tensors = get_task_class(task).with_authors_heads(model, converted, extra, dict(settings or {}))
     out = save_checkpoint(model, out_path, extra=extra, metadata=metadata)
     # the config also travels inside the safetensors header; the sidecar is for people and tools
     config_json = os.path.splitext(os.fspath(out))[0] + ".json"
@@ -232,38 +233,3 @@ def convert_checkpoint(src_path: str | os.PathLike, config: str | os.PathLike | 
         "has_ema": bool(meta.get("has_ema", False)),
         "ignored_tensors": len(meta.get("ignored_tensors", [])),
     }
-
-
-def _with_mmdet_heads(backbone: PIIP, converted: dict[str, torch.Tensor], extra: dict, settings: Mapping[str, Any]):
-    """A complete detector from a converted backbone and MMDetection's neck and heads."""
-    from ...data.coco import COCO_CATEGORIES
-    from ...tasks.detection import build_detector
-    from ...weights.checkpoint import check_state_dict
-
-    layout = mask_rcnn_layout(extra)
-    names: dict[str, Any] = {}
-    if layout["num_classes"] == len(COCO_CATEGORIES):
-        names = dict(class_names=tuple(n for _, n in COCO_CATEGORIES), category_ids=tuple(i for i, _ in COCO_CATEGORIES))
-    detector = build_detector(backbone, **{**layout, **names, **settings})
-    heads, sources = convert_mmdet_heads(extra)
-    state = {f"backbone.body.{k}": v for k, v in converted.items()} | heads
-    check_state_dict(state, detector, what="converted detector checkpoint", names=sources)
-    detector.load_state_dict(state, strict=True)
-    rest = {prefix: tensors for prefix, tensors in extra.items() if prefix not in HEAD_PREFIXES}
-    return detector.eval(), rest, len(state)
-
-
-def _with_mmseg_heads(backbone: PIIP, converted: dict[str, torch.Tensor], extra: dict, settings: Mapping[str, Any]):
-    """A complete segmenter from a converted backbone and MMSegmentation's UperNet + FCN heads."""
-    from ...data.semseg import ADE20K_CLASSES
-    from ...tasks.segmentation import build_segmenter
-    from ...weights.checkpoint import check_state_dict
-
-    layout = upernet_layout(extra, backbone.out_channels)
-    names = {"class_names": ADE20K_CLASSES} if layout["num_classes"] == len(ADE20K_CLASSES) else {}
-    segmenter = build_segmenter(backbone, **{**layout, **names, **settings})
-    state = {f"backbone.{k}": v for k, v in converted.items()} | convert_mmseg_heads(extra)
-    check_state_dict(state, segmenter, what="converted segmenter checkpoint")
-    segmenter.load_state_dict(state, strict=True)
-    rest = {prefix: tensors for prefix, tensors in extra.items() if prefix not in SEG_HEAD_PREFIXES}
-    return segmenter.eval(), rest, len(state)

@@ -141,11 +141,11 @@ def evaluate_detector(model: nn.Module, loader: Iterable, device: str | torch.de
 
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, data, *, split: str = "val", batch_size: int = 2,
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data, *, split: str = "val", batch_size: int | None = None,
                         workers: int = 0, device: str | torch.device = "cpu", amp_dtype: torch.dtype | None = None,
                         save_to: str | os.PathLike | None = None, progress: bool = False) -> dict[str, Any]:
     """Load a detector checkpoint and score it on ``split`` of ``data`` (a
-    :class:`~piip.data.coco.DetectionDataConfig`)."""
+    :class:`~piip.data.coco.DetectionDataConfig`; ``batch_size`` defaults to 2)."""
     from torch.utils.data import DataLoader
 
     from ...data.coco import build_coco_dataset, collate_detection
@@ -158,7 +158,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data, *, split: str = "va
                          "`eval det` needs a detection checkpoint (piip train det / piip convert of a Mask R-CNN file)")
     dataset = build_coco_dataset(data, split, masks=False)
     check_classes(model.config, dataset)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+    loader = DataLoader(dataset, batch_size=batch_size or 2, shuffle=False, num_workers=workers,
                         collate_fn=collate_detection)
     return evaluate_detector(model, loader, device, amp_dtype, save_to=save_to, progress=progress)
 

@@ -23,44 +23,44 @@ accuracy (reference §8.1):
   patch 16), normalisation with mean = std = 0.5 (the authors' 127.5 on 0-255 images).
 
 Where torchvision's parts compute otherwise, :mod:`.rcnn_parts` holds the few subclasses that
-compute MMDetection's rules.
+compute MMDetection's rules. This module holds what every detector kind shares (the config, the
+backbone + FPN, the detector module, the kind registry); each kind assembles its heads in a module of
+its own (:mod:`.mask_rcnn`).
 
 The backbone may run under bf16 autocast while the neck and heads stay in float32
 (``backbone_dtype``); ``set_grad_checkpointing`` turns on activation checkpointing in the backbone.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from ...models.config import PIIPConfig
+from ...config.model import PIIPConfig
+from ...config.typed import Serializable
 from ...models.piip import PIIP
 from ...precision import autocast, autocast_dtype
 from ...ops import use_onednn_linears
-from .rcnn_parts import (BOX_LOSSES, AlignedMultiScaleRoIAlign, MMDetRegionProposalNetwork, MMDetRoIHeads,
-                         MMDetTransform, PyramidAnchorGenerator)
+from .rcnn_parts import BOX_LOSSES, MMDetRegionProposalNetwork, MMDetRoIHeads, MMDetTransform
 
-__all__ = ["DetectorConfig", "PIIPDetector", "DetectorBackbone", "build_detector", "build_detector_from_config"]
+__all__ = ["DetectorConfig", "PIIPDetector", "DetectorBackbone", "build_detector", "build_detector_from_config",
+           "DETECTOR_KINDS", "register_detector_kind"]
 
 @dataclass(frozen=True)
-class DetectorConfig:
+class DetectorConfig(Serializable):
     """Everything that rebuilds a detector (stored in its checkpoint).
 
     Attributes:
         backbone: the dense piip backbone.
         num_classes: object classes (without background).
+        kind: the detector around it (:data:`DETECTOR_KINDS`: ``"mask_rcnn"``, also Faster R-CNN
+            with ``masks=False``); checkpoints written before kinds existed are Mask R-CNN.
         class_names: their names, label ``i`` (1-based in torchvision's outputs) being
             ``class_names[i - 1]``; empty when unknown.
         category_ids: the dataset's category id of every class (COCO ids are not contiguous), so
@@ -87,6 +87,7 @@ class DetectorConfig:
 
     backbone: PIIPConfig
     num_classes: int
+    kind: str = "mask_rcnn"
     class_names: tuple[str, ...] = ()
     category_ids: tuple[int, ...] = ()
     masks: bool = True
@@ -127,6 +128,8 @@ class DetectorConfig:
                              f"{self.anchor_sizes}")
         if self.backbone.fpn_levels != (0, 1, 2, 3):
             raise ValueError("the detector's FPN needs the backbone's four pyramid levels (fpn_levels=(0, 1, 2, 3))")
+        if self.kind not in DETECTOR_KINDS:
+            raise ValueError(f"DetectorConfig.kind must be one of {sorted(DETECTOR_KINDS)}, got {self.kind!r}")
         if self.box_loss not in BOX_LOSSES:
             raise ValueError(f"DetectorConfig.box_loss must be one of {BOX_LOSSES}, got {self.box_loss!r}")
         autocast_dtype(self.backbone_dtype, "DetectorConfig.backbone_dtype")
@@ -138,17 +141,6 @@ class DetectorConfig:
         finest = self.backbone.input_size
         return (self.min_size or finest * 800 // 1333, self.max_size or finest,
                 self.size_divisible or 14 * self.backbone.patch_size)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DetectorConfig":
-        data = dict(data)
-        return cls(backbone=PIIPConfig.from_dict(data.pop("backbone")), **data)
 
 
 class DetectorBackbone(nn.Module):
@@ -210,8 +202,21 @@ class PIIPDetector(GeneralizedRCNN):
         self.backbone.body.set_grad_checkpointing(enable)
 
 
+#: detector kind -> ``assemble(config, body) -> PIIPDetector``; each kind is one module of this
+#: package, registered in its ``__init__`` (``"mask_rcnn"``: :mod:`.mask_rcnn`)
+DETECTOR_KINDS: dict[str, Callable[[DetectorConfig, PIIP], "PIIPDetector"]] = {}
+
+
+def register_detector_kind(kind: str, assemble: Callable[[DetectorConfig, PIIP], "PIIPDetector"]) -> None:
+    """Let :func:`build_detector` (``kind=...``) and checkpoints build a detector of ``kind``."""
+    if DETECTOR_KINDS.get(kind, assemble) is not assemble:
+        raise ValueError(f"detector kind {kind!r} registered twice")
+    DETECTOR_KINDS[kind] = assemble
+
+
 def build_detector(backbone: PIIP, num_classes: int, **settings: Any) -> PIIPDetector:
-    """Mask R-CNN (``masks=True``, default) or Faster R-CNN around a dense piip ``backbone``.
+    """A detector of ``kind`` (default ``"mask_rcnn"``: Mask R-CNN with ``masks=True``, else Faster
+    R-CNN) around a dense piip ``backbone``.
 
     Args:
         backbone: ``piip.create_model(name, task="det", ...)`` (any registered variant, PIIP or a
@@ -221,56 +226,9 @@ def build_detector(backbone: PIIP, num_classes: int, **settings: Any) -> PIIPDet
             ``anchor_sizes``, ``min_size``, ``backbone_dtype``, ...).
     """
     config = DetectorConfig(backbone=backbone.config, num_classes=num_classes, **settings)
-    return _assemble(config, backbone)
+    return use_onednn_linears(DETECTOR_KINDS[config.kind](config, backbone))
 
 
 def build_detector_from_config(config: DetectorConfig) -> PIIPDetector:
     """A freshly initialised detector from its config (a checkpoint's weights are loaded after)."""
-    return _assemble(config, PIIP(config.backbone))
-
-
-def _init_like_mmdet(fpn: nn.Module, box_head: TwoMLPHead, box_predictor: FastRCNNPredictor) -> None:
-    """MMDetection's initialisation where torchvision's differs: Xavier-uniform FPN convs and box-head
-    FC layers, normal(0, 0.01) classifier and normal(0, 0.001) box regressor, zero biases. (The RPN
-    head's normal(0, 0.01) and the mask head's Kaiming init are already the same in both.)"""
-    for m in [*fpn.modules(), box_head.fc6, box_head.fc7]:
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
-    for layer, std in ((box_predictor.cls_score, 0.01), (box_predictor.bbox_pred, 0.001)):
-        nn.init.normal_(layer.weight, std=std)
-        nn.init.zeros_(layer.bias)
-
-
-def _assemble(config: DetectorConfig, body: PIIP) -> PIIPDetector:
-    backbone = DetectorBackbone(body, config.fpn_channels, autocast_dtype(config.backbone_dtype))
-    channels = config.fpn_channels
-    anchors = PyramidAnchorGenerator(tuple((s,) for s in config.anchor_sizes),
-                                     ((0.5, 1.0, 2.0),) * len(config.anchor_sizes), strides=(4, 8, 16, 32, 64))
-    rpn = MMDetRegionProposalNetwork(anchors, RPNHead(channels, anchors.num_anchors_per_location()[0]),
-                                     fg_iou_thresh=0.7, bg_iou_thresh=0.3, min_pos_iou=0.3,
-                                     batch_size_per_image=config.rpn_batch_size_per_image, positive_fraction=0.5,
-                                     pre_nms_top_n=dict(training=2000, testing=1000),
-                                     post_nms_top_n=dict(training=config.rpn_post_nms_top_n_train, testing=1000),
-                                     nms_thresh=0.7, box_loss=config.box_loss)
-    levels = ["0", "1", "2", "3"]
-    box_pool = AlignedMultiScaleRoIAlign(levels, 7, sampling_ratio=0)
-    mask_parts: dict[str, Any] = {}
-    if config.masks:
-        width = config.mask_head_dim
-        mask_parts = dict(mask_roi_pool=AlignedMultiScaleRoIAlign(levels, 14, sampling_ratio=0),
-                          mask_head=MaskRCNNHeads(channels, (width,) * 4, 1),
-                          mask_predictor=MaskRCNNPredictor(width, width, config.num_classes + 1))
-    box_head = TwoMLPHead(channels * 7 * 7, config.box_head_dim)
-    box_predictor = FastRCNNPredictor(config.box_head_dim, config.num_classes + 1)
-    _init_like_mmdet(backbone.fpn, box_head, box_predictor)
-    roi_heads = MMDetRoIHeads(box_pool, box_head, box_predictor,
-                              fg_iou_thresh=0.5, bg_iou_thresh=0.5, min_pos_iou=0.5,
-                              batch_size_per_image=config.box_batch_size_per_image, positive_fraction=0.25,
-                              bbox_reg_weights=None, score_thresh=config.score_thresh, nms_thresh=config.nms_thresh,
-                              detections_per_img=config.detections_per_img, box_loss=config.box_loss, **mask_parts)
-    min_size, max_size, divisible = config.resize
-    transform = MMDetTransform(min_size, max_size, list(config.image_mean), list(config.image_std),
-                               size_divisible=divisible, _skip_resize=not config.resize_in_training)
-    return use_onednn_linears(PIIPDetector(config, backbone, rpn, roi_heads, transform))
-
+    return use_onednn_linears(DETECTOR_KINDS[config.kind](config, PIIP(config.backbone)))

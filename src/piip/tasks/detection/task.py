@@ -10,9 +10,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ...data.coco import CocoDetection, DetectionDataConfig, build_coco_dataset, collate_detection
-from ..base import head_settings, optional_validation, register_task, whole_model_checkpoint
-from .evaluation import check_classes, evaluate_detector
-from .model import DetectorConfig, PIIPDetector, build_detector
+from ...engine.build import build_backbone, build_model_config
+from ...weights.checkpoint import save_checkpoint
+from ..base import BaseTask, head_settings, optional_validation, whole_model_checkpoint
+from . import authors_heads, cli, inference
+from .evaluation import check_classes, evaluate_checkpoint, evaluate_detector
+from .model import DetectorConfig, PIIPDetector, build_detector, build_detector_from_config
 
 __all__ = ["DetectionTask"]
 
@@ -20,19 +23,17 @@ __all__ = ["DetectionTask"]
 _DERIVED = ("backbone", "num_classes", "class_names", "category_ids")
 
 
-@register_task
-class DetectionTask:
+class DetectionTask(BaseTask, name="det", data_config=DetectionDataConfig, metric="bbox_AP", model_kind="detector",
+                    model_config=DetectorConfig, model_from_config=build_detector_from_config,
+                    evaluate_checkpoint=evaluate_checkpoint, cli=cli, inference=inference,
+                    authors_heads=(authors_heads.has_mask_rcnn_heads, authors_heads.with_authors_heads)):
     """Object detection / instance segmentation (Mask R-CNN, or Faster R-CNN with ``masks: false``)."""
 
-    name: ClassVar[str] = "det"
-    data_config: ClassVar[type] = DetectionDataConfig
-    metric: ClassVar[str] = "bbox_AP"
-    higher_is_better: ClassVar[bool] = True
     #: a batch without positive proposals leaves the mask head unused: DDP must allow that
     find_unused_parameters: ClassVar[bool] = True
 
     def __init__(self, cfg):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.head = head_settings(cfg.model.head, DetectorConfig, _DERIVED, "detector")
         if cfg.data.sizes_training_images:  # the data pipeline sizes the training images
             self.head.setdefault("resize_in_training", False)
@@ -43,8 +44,6 @@ class DetectionTask:
 
     @staticmethod
     def _input_size(cfg) -> int:
-        from ...engine.build import build_model_config
-
         return build_model_config(cfg.model, "det").input_size
 
     def build_datasets(self, cfg) -> tuple[Dataset, Dataset | None]:
@@ -75,9 +74,7 @@ class DetectionTask:
         return dataset.aspect_groups()
 
     def build_model(self, cfg, train_dataset: CocoDetection) -> nn.Module:
-        from ...engine.build import build_backbone
-
-        model = whole_model_checkpoint(cfg.model, "detector")
+        model = whole_model_checkpoint(cfg.model, self.model_kind)
         if model is not None:
             check_classes(model.config, train_dataset)
             return model
@@ -98,6 +95,8 @@ class DetectionTask:
         return evaluate_detector(model, loader, device, amp_dtype, gather=gather, save_to=save_to)
 
     def export(self, model: PIIPDetector, path: str) -> str:
-        from ...weights.checkpoint import save_checkpoint
-
         return save_checkpoint(model, path)
+
+    @staticmethod
+    def owns(model: nn.Module) -> bool:
+        return isinstance(model, PIIPDetector)

@@ -163,12 +163,14 @@ def evaluate_segmenter(model: nn.Module, loader: Iterable, device: str | torch.d
     return metrics
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, data, *, split: str = "val", device: str | torch.device = "cpu",
-                        amp_dtype: torch.dtype | None = None, mode: str | None = None, flip: bool = False,
-                        workers: int = 0, save_to: str | os.PathLike | None = None,
-                        progress: bool = False) -> SegmentationMetrics:
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data, *, split: str = "val", batch_size: int | None = None,
+                        workers: int = 0, device: str | torch.device = "cpu", amp_dtype: torch.dtype | None = None,
+                        save_to: str | os.PathLike | None = None, progress: bool = False,
+                        mode: str | None = None, flip: bool = False) -> SegmentationMetrics:
     """Load a segmenter checkpoint and score it on ``split`` of ``data`` (a
-    :class:`~piip.data.semseg.SegmentationDataConfig`)."""
+    :class:`~piip.data.semseg.SegmentationDataConfig`) with inference ``mode`` (``"whole"`` /
+    ``"slide"``; default: the checkpoint's) and optional ``flip``; images are loaded ``batch_size``
+    (default 1) at a time and segmented one by one."""
     from torch.utils.data import DataLoader
 
     from ...data.semseg import build_segmentation_dataset, collate_segmentation
@@ -183,6 +185,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data, *, split: str = "va
     if len(dataset.classes) != model.config.num_classes:
         raise ValueError(f"class mismatch: the segmenter predicts {model.config.num_classes} classes, the dataset "
                          f"has {len(dataset.classes)}: evaluate on the data it was trained for")
-    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=workers, collate_fn=collate_segmentation)
+    loader = DataLoader(dataset, batch_size=batch_size or 1, shuffle=False, num_workers=workers,
+                        collate_fn=collate_segmentation)
     return evaluate_segmenter(model, loader, device, amp_dtype, mode=mode, flip=flip, save_to=save_to,
                               progress=progress)

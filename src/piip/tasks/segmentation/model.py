@@ -20,8 +20,6 @@ checkpoints map onto it key for key:
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...models.config import PIIPConfig
+from ...config.model import PIIPConfig
+from ...config.typed import Serializable
 from ...models.piip import PIIP
 from ...precision import autocast, autocast_dtype
 
@@ -107,7 +106,7 @@ class FCNHead(_DecodeHead):
 
 
 @dataclass(frozen=True)
-class SegmenterConfig:
+class SegmenterConfig(Serializable):
     """Everything that rebuilds a segmenter (stored in its checkpoint).
 
     Attributes:
@@ -181,17 +180,6 @@ class SegmenterConfig:
         if not 0 < self.stride <= self.crop_size:
             raise ValueError(f"SegmenterConfig.stride and crop_size need 0 < stride <= crop_size, got "
                              f"{self.stride}, {self.crop_size}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SegmenterConfig":
-        data = dict(data)
-        return cls(backbone=PIIPConfig.from_dict(data.pop("backbone")), **data)
 
 
 class PIIPSegmenter(nn.Module):

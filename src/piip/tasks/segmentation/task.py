@@ -2,33 +2,34 @@
 run's piip backbone, MMSegmentation's losses, mIoU for checkpoint selection."""
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ...data.semseg import SegmentationDataConfig, build_segmentation_dataset, collate_segmentation
-from ..base import head_settings, optional_validation, register_task, whole_model_checkpoint
-from .evaluation import evaluate_segmenter
-from .model import PIIPSegmenter, SegmenterConfig, build_segmenter
+from ...engine.build import build_backbone
+from ...weights.checkpoint import save_checkpoint
+from ..base import BaseTask, head_settings, optional_validation, whole_model_checkpoint
+from . import authors_heads, cli, inference
+from .evaluation import evaluate_checkpoint, evaluate_segmenter
+from .model import PIIPSegmenter, SegmenterConfig, build_segmenter, build_segmenter_from_config
 
 __all__ = ["SegmentationTask"]
 
 _DERIVED = ("backbone", "num_classes", "class_names")
 
 
-@register_task
-class SegmentationTask:
+class SegmentationTask(BaseTask, name="seg", data_config=SegmentationDataConfig, metric="mIoU",
+                       model_kind="segmenter", model_config=SegmenterConfig,
+                       model_from_config=build_segmenter_from_config, evaluate_checkpoint=evaluate_checkpoint,
+                       cli=cli, inference=inference,
+                       authors_heads=(authors_heads.has_upernet_heads, authors_heads.with_authors_heads)):
     """Semantic segmentation (UperNet + FCN auxiliary head)."""
 
-    name: ClassVar[str] = "seg"
-    data_config: ClassVar[type] = SegmentationDataConfig
-    metric: ClassVar[str] = "mIoU"
-    higher_is_better: ClassVar[bool] = True
-
     def __init__(self, cfg):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.head = head_settings(cfg.model.head, SegmenterConfig, _DERIVED, "segmenter")
 
     def build_datasets(self, cfg) -> tuple[Dataset, Dataset | None]:
@@ -40,9 +41,7 @@ class SegmentationTask:
     collate = staticmethod(collate_segmentation)
 
     def build_model(self, cfg, train_dataset) -> nn.Module:
-        from ...engine.build import build_backbone
-
-        model = whole_model_checkpoint(cfg.model, "segmenter")
+        model = whole_model_checkpoint(cfg.model, self.model_kind)
         if model is not None:
             if model.config.num_classes != len(train_dataset.classes):
                 raise ValueError(f"class mismatch: the checkpoint's segmenter has {model.config.num_classes} classes, "
@@ -65,6 +64,8 @@ class SegmentationTask:
         return {"mIoU": m.mIoU, "mAcc": m.mAcc, "aAcc": m.aAcc, "num_images": m.num_images}
 
     def export(self, model: PIIPSegmenter, path: str) -> str:
-        from ...weights.checkpoint import save_checkpoint
-
         return save_checkpoint(model, path)
+
+    @staticmethod
+    def owns(model: nn.Module) -> bool:
+        return isinstance(model, PIIPSegmenter)

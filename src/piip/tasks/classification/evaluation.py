@@ -1,21 +1,25 @@
-"""Classification: the task on the shared engine (data glue, model, loss) and its evaluation
-(top-1 / top-5 / per-class accuracy and cross-entropy)."""
+"""Classification metrics: top-1 / top-5 / per-class accuracy and cross-entropy, of a model on a
+loader (the engine's validation) or of a checkpoint on a dataset (``piip eval cls``)."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader
 
-from ..data import DataConfig
-from ..precision import autocast
-from .base import register_task
+from ...data import build_dataset, check_num_classes
+from ...precision import autocast
+from ...weights.checkpoint import load_checkpoint
+from ...weights.io import atomic_write
+from ..base import evaluation_progress
 
-__all__ = ["ClassificationTask", "ClassificationMetrics", "evaluate", "evaluate_checkpoint", "accuracy_counts"]
+__all__ = ["ClassificationMetrics", "evaluate", "evaluate_checkpoint", "accuracy_counts"]
 
 
 @dataclass
@@ -72,22 +76,12 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, device: str |
     loss_sum = 0.0
     class_correct = torch.zeros(num_classes, dtype=torch.long)
     class_count = torch.zeros(num_classes, dtype=torch.long)
-    bar = None
-    if progress:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
-
-        bar = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       TimeRemainingColumn(), TextColumn("{task.description}"), transient=True)
     try:
         total = len(loader) if hasattr(loader, "__len__") else None
     except TypeError:
         total = None
     try:
-        if bar is not None:
-            bar.start()
-            task = bar.add_task("", total=total)
-        with torch.inference_mode():
+        with evaluation_progress(progress, total, "eval cls") as advance, torch.inference_mode():
             for images, targets in loader:
                 images = images.to(device, non_blocking=True)
                 targets = torch.as_tensor(targets).to(device, non_blocking=True)
@@ -110,11 +104,8 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, device: str |
                 t = targets.cpu()
                 class_count += torch.bincount(t, minlength=num_classes)
                 class_correct += torch.bincount(t, weights=hit, minlength=num_classes).long()
-                if bar is not None:
-                    bar.update(task, advance=1, description=f"top-1 {100.0 * correct1 / max(seen, 1):.2f}%")
+                advance()
     finally:
-        if bar is not None:
-            bar.stop()
         model.train(was_training)
     if gather is not None:
         shards = gather([(correct1, correct5, seen, loss_sum, class_correct, class_count)])
@@ -132,107 +123,28 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, device: str |
         skipped=int(getattr(dataset, "skipped", 0) or 0))
 
 
-def evaluate_checkpoint(checkpoint: str, data, *, split: str = "val", batch_size: int = 64,
+def evaluate_checkpoint(checkpoint: str, data, *, split: str = "val", batch_size: int | None = None,
                         workers: int = 0, device: str | torch.device = "cpu",
-                        amp_dtype: torch.dtype | None = None, progress: bool = False
-                        ) -> ClassificationMetrics:
+                        amp_dtype: torch.dtype | None = None, save_to: str | None = None,
+                        progress: bool = False) -> ClassificationMetrics:
     """Load a piip classification checkpoint (``piip.save`` / ``piip convert``) and evaluate it on
     ``split`` of ``data`` (a :class:`~piip.data.DataConfig`; ``image_size=None`` takes the model's
-    input size, i.e. its finest branch's resolution)."""
-    from dataclasses import replace
-
-    from torch.utils.data import DataLoader
-
-    from ..data import build_dataset, check_num_classes
-    from ..weights.checkpoint import load_checkpoint
-
+    input size, i.e. its finest branch's resolution). ``batch_size`` defaults to 64; ``save_to``: a
+    folder for ``metrics.json``."""
     model = load_checkpoint(checkpoint, device=device)
-    if model.config.task != "cls":
-        raise ValueError(f"checkpoint {checkpoint!r} holds a {model.config.task!r} model; "
+    if getattr(getattr(model, "config", None), "task", None) != "cls":
+        raise ValueError(f"checkpoint {checkpoint!r} holds a {type(model).__name__} of task "
+                         f"{getattr(model.config, 'task', None)!r}; "
                          "`eval cls` needs a classification (task='cls') checkpoint")
     if data.image_size is None:
-        data = replace(data, image_size=model.config.input_size)
+        data = dataclasses.replace(data, image_size=model.config.input_size)
     dataset = build_dataset(data, split)
     check_num_classes(dataset, model)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+    loader = DataLoader(dataset, batch_size=batch_size or 64, shuffle=False, num_workers=workers,
                         pin_memory=torch.device(device).type == "cuda")
-    return evaluate(model, loader, model.config.num_classes, device=device, amp_dtype=amp_dtype,
-                    progress=progress, classes=dataset.classes)
-
-
-@register_task
-class ClassificationTask:
-    """Classification: timm Mixup/CutMix, soft-target / label-smoothing cross-entropy, top-1/5."""
-
-    name: ClassVar[str] = "cls"
-    data_config: ClassVar[type] = DataConfig
-    metric: ClassVar[str] = "top1"
-    higher_is_better: ClassVar[bool] = True
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.mixup = None
-        self.num_classes = None
-        self.class_names = None
-
-    def build_datasets(self, cfg) -> tuple[Dataset, Dataset | None]:
-        from ..data import build_dataset
-        from ..engine.build import build_model_config
-
-        data = cfg.data
-        if data.image_size is None:  # the model's input size (its finest branch's resolution)
-            data = dataclasses.replace(data, image_size=build_model_config(cfg.model, "cls").input_size)
-        train = build_dataset(data, "train")
-        try:
-            val = build_dataset(data, "val")
-        except (ValueError, FileNotFoundError, KeyError):
-            val = None
-        return train, val
-
-    collate = staticmethod(default_collate)
-
-    def build_model(self, cfg, train_dataset: Dataset) -> nn.Module:
-        from ..engine.build import build_backbone
-
-        classes = getattr(train_dataset, "classes", None)
-        self.class_names = list(classes) if classes is not None else None
-        model = build_backbone(cfg.model, "cls", len(classes) if classes is not None else None)
-        self.num_classes = model.config.num_classes
-        aug = cfg.aug
-        if aug.mixup > 0 or aug.cutmix > 0:
-            from timm.data import Mixup
-
-            self.mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob,
-                               switch_prob=aug.mixup_switch_prob, label_smoothing=aug.label_smoothing,
-                               num_classes=self.num_classes)
-        return model
-
-    def loss(self, model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, int]:
-        images, targets = batch
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if self.mixup is not None:
-            images, soft = self.mixup(images, targets)
-            logits = model(images)
-            loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-        else:
-            logits = model(images)
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.aug.label_smoothing)
-        return loss, images.shape[0]
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device,
-                 amp_dtype: torch.dtype | None, gather: Callable[[list], list] | None = None,
-                 save_to: str | None = None) -> dict[str, float]:
-        m = evaluate(model, loader, self.num_classes, device, amp_dtype, gather=gather)
-        return {"top1": float(m.top1), "top5": float(m.top5), "loss": float(m.loss),
-                "num_samples": int(m.num_samples)}
-
-    def export(self, model: nn.Module, path: str) -> str:
-        """The classifier, with its class names in the header (``piip predict`` shows them)."""
-        import json
-
-        from ..weights.checkpoint import save_checkpoint
-
-        names = {"class_names": json.dumps(self.class_names)} if self.class_names else None
-        return save_checkpoint(model, path, metadata=names)
+    metrics = evaluate(model, loader, model.config.num_classes, device=device, amp_dtype=amp_dtype,
+                       progress=progress, classes=dataset.classes)
+    if save_to is not None:
+        os.makedirs(save_to, exist_ok=True)
+        atomic_write(os.path.join(save_to, "metrics.json"), "w", lambda f: json.dump(metrics.to_dict(), f, indent=2))
+    return metrics

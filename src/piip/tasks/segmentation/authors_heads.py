@@ -27,11 +27,16 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from typing import Any
+
 import torch
 
-from ...weights.checkpoint import CheckpointError
+from ...data.semseg import ADE20K_CLASSES
+from ...models.piip import PIIP
+from ...weights.checkpoint import CheckpointError, check_state_dict
+from .model import build_segmenter
 
-__all__ = ["SEG_HEAD_PREFIXES", "has_upernet_heads", "upernet_layout", "convert_mmseg_heads"]
+__all__ = ["SEG_HEAD_PREFIXES", "has_upernet_heads", "upernet_layout", "convert_mmseg_heads", "with_authors_heads"]
 
 SEG_HEAD_PREFIXES = ("decode_head", "auxiliary_head")
 
@@ -88,3 +93,15 @@ def convert_mmseg_heads(extra: Mapping[str, Mapping[str, torch.Tensor]]) -> dict
         raise CheckpointError(f"{len(unmapped)} head tensor(s) have no place in piip's UperNet + FCN heads: "
                               f"{unmapped[:10]}")
     return flat
+
+
+def with_authors_heads(backbone: PIIP, converted: dict[str, torch.Tensor], extra: dict, settings: Mapping[str, Any]):
+    """A complete segmenter from a converted backbone and MMSegmentation's UperNet + FCN heads."""
+    layout = upernet_layout(extra, backbone.out_channels)
+    names = {"class_names": ADE20K_CLASSES} if layout["num_classes"] == len(ADE20K_CLASSES) else {}
+    segmenter = build_segmenter(backbone, **{**layout, **names, **settings})
+    state = {f"backbone.{k}": v for k, v in converted.items()} | convert_mmseg_heads(extra)
+    check_state_dict(state, segmenter, what="converted segmenter checkpoint")
+    segmenter.load_state_dict(state, strict=True)
+    rest = {prefix: tensors for prefix, tensors in extra.items() if prefix not in SEG_HEAD_PREFIXES}
+    return segmenter.eval(), rest, len(state)

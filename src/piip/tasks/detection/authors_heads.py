@@ -36,11 +36,16 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from typing import Any
+
 import torch
 
-from ...weights.checkpoint import CheckpointError
+from ...data.coco import COCO_CATEGORIES
+from ...models.piip import PIIP
+from ...weights.checkpoint import CheckpointError, check_state_dict
+from .model import build_detector
 
-__all__ = ["HEAD_PREFIXES", "has_mask_rcnn_heads", "mask_rcnn_layout", "convert_mmdet_heads"]
+__all__ = ["HEAD_PREFIXES", "has_mask_rcnn_heads", "mask_rcnn_layout", "convert_mmdet_heads", "with_authors_heads"]
 
 HEAD_PREFIXES = ("neck", "rpn_head", "roi_head")
 
@@ -124,3 +129,18 @@ def convert_mmdet_heads(extra: Mapping[str, Mapping[str, torch.Tensor]]) -> tupl
         raise CheckpointError(f"{len(unmapped)} neck/head tensor(s) have no place in a torchvision Mask R-CNN: "
                               f"{unmapped[:10]}")
     return out, names
+
+
+def with_authors_heads(backbone: PIIP, converted: dict[str, torch.Tensor], extra: dict, settings: Mapping[str, Any]):
+    """A complete detector from a converted backbone and MMDetection's neck and heads."""
+    layout = mask_rcnn_layout(extra)
+    names: dict[str, Any] = {}
+    if layout["num_classes"] == len(COCO_CATEGORIES):
+        names = dict(class_names=tuple(n for _, n in COCO_CATEGORIES), category_ids=tuple(i for i, _ in COCO_CATEGORIES))
+    detector = build_detector(backbone, **{**layout, **names, **settings})
+    heads, sources = convert_mmdet_heads(extra)
+    state = {f"backbone.body.{k}": v for k, v in converted.items()} | heads
+    check_state_dict(state, detector, what="converted detector checkpoint", names=sources)
+    detector.load_state_dict(state, strict=True)
+    rest = {prefix: tensors for prefix, tensors in extra.items() if prefix not in HEAD_PREFIXES}
+    return detector.eval(), rest, len(state)
