@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import piip.analysis.actual_flops  # noqa: F401  (registers the CPU SDPA formula)
 from piip import create_model
-from piip.ops import Linear, linear, use_onednn_linears
+from piip.ops import Linear, linear, set_onednn_linears, use_onednn_linears
 from piip.ops.linear import MIN_MACS
 
 
@@ -21,6 +21,14 @@ class _RecordOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.add(func.overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(autouse=True)
+def _route_forced_on():
+    """These tests check the route itself, wherever the automatic setting would leave it off."""
+    set_onednn_linears(True)
+    yield
+    set_onednn_linears(None)
 
 
 def _ops(fn, *args):

@@ -362,6 +362,9 @@ def _add_predict_and_train(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="piip", description="Parameter-Inverted Image Pyramid Networks")
+    parser.add_argument("--onednn-linears", choices=("auto", "on", "off"),
+                        help="float32 CPU dense layers on oneDNN (on) or F.linear (off); default: "
+                             "$PIIP_ONEDNN_LINEARS, else auto (what is measured faster on this CPU)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_model_commands(sub)
     _add_convert_and_demo(sub)
@@ -379,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or rest)}")
     if rest:
         args.overrides = [*args.overrides, *rest]
+    if args.onednn_linears is not None:
+        from .ops import set_onednn_linears
+
+        set_onednn_linears({"auto": None, "on": True, "off": False}[args.onednn_linears])
     formatwarning = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
     try:

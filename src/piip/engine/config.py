@@ -189,6 +189,9 @@ class RunConfig:
             (simulates a kill; used by the resume tests).
         progress: show the rich progress bar (rank 0, and only on a terminal).
         device: ``"auto"`` (cuda when available), ``"cpu"`` or ``"cuda"``.
+        onednn_linears: float32 CPU dense layers on oneDNN (``true``) or ``F.linear`` (``false``);
+            ``None``: the process setting (``PIIP_ONEDNN_LINEARS``, else what is measured faster on
+            this CPU; :mod:`piip.ops.linear`).
     """
 
     out_dir: str = "runs/default"
@@ -206,6 +209,7 @@ class RunConfig:
     tensorboard: bool = False
     progress: bool = True
     device: str = "auto"
+    onednn_linears: bool | None = None
 
 
 @dataclass

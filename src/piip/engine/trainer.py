@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import distributed as D
 from .checkpoint import check_training_state, latest_checkpoint, load_training_checkpoint, rng_state, set_rng_state
+from ..ops import use_onednn_linears
 from ..precision import autocast, autocast_dtype
 from .config import TrainConfig
 from .hooks import BestMetric, Checkpointer, Evaluator, Hook, MetricsLogger
@@ -132,6 +133,8 @@ class TrainLoop:
         cfg = self.cfg
         _seed_all(cfg.run.seed)
         model = self.task.build_model(cfg, dataset).to(self.device)
+        if cfg.run.onednn_linears is not None:  # the run's choice over the process setting the builders followed
+            use_onednn_linears(model, cfg.run.onednn_linears)
         # SyncBatchNorm needs GPU tensors; on CPU each process keeps its own statistics
         if self.world > 1 and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -10,4 +10,4 @@ from .factory import create_model
 from .piip import PIIP
 from .registry import get_config, list_models, register_variant, resolve_name
 
-register_model_kind("piip", PIIPConfig, PIIP)
+register_model_kind("piip", PIIPConfig, create_model)

@@ -6,6 +6,7 @@ import os
 from typing import Mapping
 
 from ..config.model import PIIPConfig
+from ..ops import use_onednn_linears
 from .piip import PIIP
 from .registry import get_config
 
@@ -54,7 +55,7 @@ def create_model(
         config = name
     else:
         config = get_config(name, **overrides)
-    model = PIIP(config)
+    model = use_onednn_linears(PIIP(config))  # the process setting: piip.ops.onednn_linears_enabled
     if pretrained or branch_weights:
         from ..weights import load_branch_weights
 

@@ -24,7 +24,7 @@ from torch import nn
 from ..layers.branch import ViTBranch
 from ..layers.heads import BranchMerge, MergedClassifier, SimpleFeaturePyramid
 from ..layers.interaction import Interaction
-from ..ops import MSDeformAttn, use_onednn_linears
+from ..ops import MSDeformAttn
 from ..config.model import PIIPConfig
 
 __all__ = ["PIIP"]
@@ -80,7 +80,6 @@ class PIIP(nn.Module):
         for module in self.interactions.modules():
             if isinstance(module, MSDeformAttn):
                 module.reset_parameters()
-        use_onednn_linears(self)
         self.out_channels = dims[0]
         self.strides = self.fpn.strides if self.fpn is not None else ()
 

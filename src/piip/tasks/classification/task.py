@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from ...config.model import PIIPConfig
 from ...data import DataConfig, build_dataset
 from ...engine.build import build_backbone, build_model_config
+from ...models.factory import create_model
 from ...models.piip import PIIP
 from ...weights.checkpoint import save_checkpoint
 from ..base import BaseTask, optional_validation
@@ -24,7 +25,7 @@ __all__ = ["ClassificationTask"]
 
 
 class ClassificationTask(BaseTask, name="cls", data_config=DataConfig, metric="top1", model_kind="piip",
-                         model_config=PIIPConfig, model_from_config=PIIP, evaluate_checkpoint=evaluate_checkpoint,
+                         model_config=PIIPConfig, model_from_config=create_model, evaluate_checkpoint=evaluate_checkpoint,
                          cli=cli, inference=inference):
     """Classification: timm Mixup/CutMix, soft-target / label-smoothing cross-entropy, top-1/5."""
 

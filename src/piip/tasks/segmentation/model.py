@@ -30,6 +30,7 @@ from torch import nn
 from ...config.model import PIIPConfig
 from ...config.typed import Serializable
 from ...models.piip import PIIP
+from ...ops import use_onednn_linears
 from ...precision import autocast, autocast_dtype
 
 __all__ = ["SegmenterConfig", "PIIPSegmenter", "UPerHead", "FCNHead", "ConvBNReLU", "build_segmenter",
@@ -254,9 +255,10 @@ def build_segmenter(backbone: PIIP, num_classes: int, **settings: Any) -> PIIPSe
     """UperNet + FCN auxiliary head around a dense piip ``backbone`` (``create_model(name, task="det")``,
     PIIP variants and single-branch baselines alike); ``settings``: any :class:`SegmenterConfig` field
     (``channels=1536`` as the authors' InternViT configs, ``aux_channels``, ``class_names``, ...)."""
-    return PIIPSegmenter(SegmenterConfig(backbone=backbone.config, num_classes=num_classes, **settings), backbone)
+    return use_onednn_linears(PIIPSegmenter(SegmenterConfig(backbone=backbone.config, num_classes=num_classes, **settings),
+                                            backbone))
 
 
 def build_segmenter_from_config(config: SegmenterConfig) -> PIIPSegmenter:
     """A freshly initialised segmenter from its config (a checkpoint's weights are loaded after)."""
-    return PIIPSegmenter(config, PIIP(config.backbone))
+    return use_onednn_linears(PIIPSegmenter(config, PIIP(config.backbone)))
