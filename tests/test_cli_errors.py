@@ -277,3 +277,20 @@ def test_data_and_network_sections_set_by_overrides_are_checked():
     cfg = load_config("scenes_det", ["model.piip={x: 1}"])
     with pytest.raises(ValueError, match="model.piip is not a PIIPConfig"):
         build_model_config(cfg.model, "det")
+
+
+def test_predict_into_a_file_and_convert_with_a_list_config_say_what_is_wrong(tmp_path, capsys):
+    from PIL import Image
+
+    from piip.compat.original.files import _resolve_config
+
+    image, taken = tmp_path / "a.png", tmp_path / "taken"
+    Image.new("RGB", (8, 8)).save(image)
+    taken.write_text("not a folder")
+    code = main(["predict", str(image), "--checkpoint", str(tmp_path / "missing.safetensors"), "--out", str(taken)])
+    out, err = capsys.readouterr()
+    assert code == 2 and "is a file; name a folder" in err and "Errno" not in err
+    listing = tmp_path / "list.json"
+    listing.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="holds a JSON list, not the authors' backbone kwargs"):
+        _resolve_config(str(listing))

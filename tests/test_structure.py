@@ -138,3 +138,27 @@ def test_a_fourth_task_plugs_into_eval_predict_and_load(tmp_path, monkeypatch):
 
     args = build_parser().parse_args(["eval", "count", "--checkpoint", str(path), "--things", "3"])
     assert isinstance(args, argparse.Namespace) and args.things == 3 and args.task == "count"
+
+
+def test_the_builders_follow_the_onednn_switch_and_the_class_stays_plain(monkeypatch):
+    """``PIIP(config)`` re-classes nothing; the builders (create_model, build_detector, build_segmenter,
+    checkpoint loading) route the dense layers as the process setting says, the CLI/env can turn it off."""
+    from piip.models.piip import PIIP
+    from piip.ops import Linear, set_onednn_linears
+
+    def kinds(model):
+        return {type(m) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+
+    config = get_config("piip_fmnist_tsb", task="det")
+    assert kinds(PIIP(config)) == {torch.nn.Linear}
+    try:
+        for enabled, expected in ((True, {Linear}), (False, {torch.nn.Linear})):
+            set_onednn_linears(enabled)
+            backbone = piip.create_model(config)
+            assert kinds(backbone) == expected
+            assert kinds(build_detector(backbone, 2)) == expected  # torchvision's box head included
+            assert kinds(build_segmenter(piip.create_model(config), 2)) == expected
+    finally:
+        set_onednn_linears(None)
+    cfg = load_config(None, ["model.name=piip_fmnist_tsb", "run.onednn_linears=false"], task="cls")
+    assert cfg.run.onednn_linears is False

@@ -71,11 +71,14 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
     to ``out_dir``. Returns ``{"predictions": {file: ...}, "json": path, "images": [drawn files],
     "descriptions": {file: one line}}``."""
     files = _expand(inputs)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the output folder {str(out)!r} is a file; name a folder for the drawn images and "
+                         "predictions.json")
     meta = read_checkpoint(checkpoint)["metadata"]
     names = json.loads(meta["class_names"]) if "class_names" in meta else None
     model = load_checkpoint(checkpoint, device=device)
     task = task_for_model(model)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records, drawn, lines = {}, [], {}
     for path in files:

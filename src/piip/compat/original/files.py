@@ -128,6 +128,9 @@ def _resolve_config(config: str | os.PathLike | Mapping[str, Any]) -> tuple[Mapp
                 data = json.load(f)
         except json.JSONDecodeError as err:
             raise ValueError(f"{label!r} is not valid JSON: {err}") from err
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{label!r} holds a JSON {type(data).__name__}, not the authors' backbone kwargs "
+                             "(a mapping, e.g. {\"branch1\": {...}, ...}) or a fixture JSON with \"kwargs\"")
     else:
         return None, None, str(config)
     task = None
