@@ -294,3 +294,9 @@ def test_predict_into_a_file_and_convert_with_a_list_config_say_what_is_wrong(tm
     listing.write_text("[1, 2]")
     with pytest.raises(ValueError, match="holds a JSON list, not the authors' backbone kwargs"):
         _resolve_config(str(listing))
+
+
+def test_classification_refuses_head_settings_it_has_none_of(capsys):
+    code = main(["train", "cls", "fashion_mnist", "model.head.x=1", "run.device=cpu"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "classification has no model.head settings (got model.head.['x'])" in err

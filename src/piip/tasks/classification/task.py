@@ -31,6 +31,9 @@ class ClassificationTask(BaseTask, name="cls", data_config=DataConfig, metric="t
 
     def __init__(self, cfg):
         super().__init__(cfg)
+        if cfg.model.head:  # the classifier's head is the network's (model.cls_head, model.cls_pool)
+            raise ValueError(f"classification has no model.head settings (got model.head.{sorted(cfg.model.head)}); "
+                             "the classifier is set by model.cls_head, model.cls_pool and model.num_classes")
         self.mixup = None
         self.num_classes = None
         self.class_names = None
