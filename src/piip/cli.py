@@ -1,4 +1,7 @@
-"""``piip <command>``: a thin shell over the Python API (parse, call the library, print)."""
+"""``piip <command>``: a thin shell over the Python API (parse, call the library, print).
+
+Each command imports the part of the library it runs (the converter, the demonstrations, the
+benchmark) inside its function, so that ``piip list`` or ``piip --help`` does not load them all."""
 from __future__ import annotations
 
 import argparse

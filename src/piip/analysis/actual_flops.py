@@ -14,6 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
 from ..config.model import PIIPConfig
+from ..models.piip import PIIP
 
 __all__ = ["ActualComplexity", "actual_complexity"]
 
@@ -40,7 +41,6 @@ def actual_complexity(config: PIIPConfig, input_size: tuple[int, int] | None = N
     ``input_size`` defaults to a square image at the finest branch's resolution, as the paper's
     counts use.
     """
-    from ..models.piip import PIIP
 
     size = input_size or (config.input_size, config.input_size)
     with torch.device("meta"):

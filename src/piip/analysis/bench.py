@@ -32,6 +32,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import precision
+from ..models.factory import create_model
+from ..tasks.detection import build_detector
+from .actual_flops import actual_complexity
 
 __all__ = ["BenchResult", "benchmark", "compare", "time_forward"]
 
@@ -137,7 +140,6 @@ def _training_step(name: str, overrides: dict, dtype: str, batch: int, device: s
     (``S x S*800//1333``), the backbone under ``dtype`` autocast and the heads in fp32; a
     classifier is trained with cross-entropy on random square images at its input size.
     """
-    from ..models.factory import create_model
 
     if overrides.get("task", "det") == "cls":
         model = create_model(name, **overrides).to(device).train()
@@ -152,8 +154,6 @@ def _training_step(name: str, overrides: dict, dtype: str, batch: int, device: s
             return torch.nn.functional.cross_entropy(logits.float(), labels)
         return model, model, size, loss
 
-    from ..tasks.detection import build_detector
-
     backbone = create_model(name, **{**overrides, "task": "det"})
     model = build_detector(backbone, 80, backbone_dtype=dtype).to(device).train()
     finest = backbone.config.input_size
@@ -165,8 +165,6 @@ def _training_step(name: str, overrides: dict, dtype: str, batch: int, device: s
 def _measure(name: str, overrides: dict, dtype: str, batch: int, repeat: int, warmup: int,
              device: str, threads: int | None, train: bool = False) -> dict:
     torch.manual_seed(0)  # same weights and images in every process: outputs are comparable
-    from ..models.factory import create_model
-    from .actual_flops import actual_complexity
 
     if threads:
         torch.set_num_threads(threads)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .multiscale import MultiScaleCrop
 from .unreadable import DECODE_ERRORS, SkipsUnreadable
 
 __all__ = ["COCO_CATEGORIES", "DetectionDataConfig", "CocoDetection", "coco_paths", "build_coco_dataset", "RandomHorizontalFlip", "LargeScaleJitter",
@@ -416,8 +417,6 @@ def build_coco_dataset(cfg: DetectionDataConfig, split: str, *, masks: bool = Tr
         if input_size is None:
             raise ValueError("large-scale jitter and multi-scale training need the model's input size")
         if cfg.multi_scale:
-            from .multiscale import MultiScaleCrop
-
             steps.append(MultiScaleCrop(input_size))
         else:
             steps.append(LargeScaleJitter(input_size, tuple(cfg.large_scale_jitter)))

@@ -25,6 +25,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .classification import FASHION_MNIST_CLASSES, _load_fashion_mnist, default_fashion_mnist_root
+
 __all__ = ["SCENE_BACKGROUNDS", "SCENES_VERSION", "generate_scenes", "generate_semantic_scenes", "scene_split"]
 
 #: changes whenever the same seed would give other scenes (stored with generated datasets)
@@ -140,8 +142,6 @@ def generate_scenes(out: str | os.PathLike, *, train_images: int = 800, val_imag
     """
     from PIL import Image
 
-    from .classification import FASHION_MNIST_CLASSES, _load_fashion_mnist, default_fashion_mnist_root
-
     if not 1 <= min_size <= max_size:
         raise ValueError(f"need 1 <= min_size <= max_size, got {min_size}, {max_size}")
     out = Path(out)
@@ -185,8 +185,6 @@ def generate_semantic_scenes(out: str | os.PathLike, *, train_images: int = 800,
     the PNGs store class + 1 (0 would be "other", unused here), so the ADE20K reader's
     ``reduce_zero_label`` gives the classes back. Returns ``out``."""
     from PIL import Image
-
-    from .classification import FASHION_MNIST_CLASSES, _load_fashion_mnist, default_fashion_mnist_root
 
     out = Path(out)
     root = fashion_mnist_root or default_fashion_mnist_root()

@@ -25,6 +25,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from ..data.scenes import generate_scenes
+from ..tasks.drawing import draw_detections, load_image
+from ..tasks.predict import predict
+from ..weights.checkpoint import load_checkpoint
 from .runs import SCENES_CANVAS, DenseDemoResult, run_dense_demo
 
 __all__ = ["run_detection_demo"]
@@ -43,7 +47,6 @@ def run_detection_demo(out_dir: str | Path = "outputs/demo_det", *, train_scenes
     console = console or Console()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from ..data.scenes import generate_scenes
 
     results, pretrain_seconds, scenes = run_dense_demo(
         out, generate=generate_scenes, scenes_title="Fashion-MNIST scenes", recipe=RECIPE, task="det",
@@ -127,10 +130,6 @@ def _draw_predictions(results: list[DenseDemoResult], scenes: Path, path: Path, 
     (the models are young: their scores are low), PIIP's on top, the baseline's below."""
     import torch
     from PIL import Image
-
-    from ..tasks.drawing import draw_detections, load_image
-    from ..tasks.predict import predict
-    from ..weights.checkpoint import load_checkpoint
 
     files = sorted((scenes / "val").glob("*.png"))[:count]
     rows = []

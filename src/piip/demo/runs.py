@@ -12,6 +12,7 @@ from typing import Callable
 from rich.console import Console
 
 from ..analysis.actual_flops import actual_complexity
+from ..data.scenes import SCENES_VERSION
 from ..engine import TrainConfig, build_model_config, load_config, train
 
 __all__ = ["previous", "train_or_reuse", "pretrain_fmnist_vits", "scenes_or_reuse", "SCENES_CANVAS",
@@ -65,7 +66,6 @@ def pretrain_fmnist_vits(out: Path, limit: int, console: Console, fresh: bool = 
 def scenes_or_reuse(root: Path, generate: Callable, title: str, console: Console, *, train_images: int,
                     val_images: int, canvas: tuple[int, int]) -> Path:
     """The scenes ``generate`` writes to ``root`` (seed 0), generated unless the same ones are already there."""
-    from ..data.scenes import SCENES_VERSION
 
     stamp = {"train": train_images, "val": val_images, "canvas": list(canvas), "seed": 0, "generator": SCENES_VERSION}
     marker = root / "scenes.json"

@@ -16,6 +16,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from ..data.scenes import generate_semantic_scenes
+from ..tasks.drawing import legend_strip, load_image, overlay_segmentation
+from ..tasks.predict import predict
+from ..weights.checkpoint import load_checkpoint
 from .runs import SCENES_CANVAS, DenseDemoResult, run_dense_demo
 
 __all__ = ["run_segmentation_demo"]
@@ -30,7 +34,6 @@ def run_segmentation_demo(out_dir: str | Path = "outputs/demo_seg", *, train_sce
     console = console or Console()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from ..data.scenes import generate_semantic_scenes
 
     results, pretrain_seconds, scenes = run_dense_demo(
         out, generate=generate_semantic_scenes, scenes_title="Fashion-MNIST scenes, per-pixel classes",
@@ -74,10 +77,6 @@ def _draw(results: list[DenseDemoResult], scenes: Path, path: Path, count: int =
     import numpy as np
     import torch
     from PIL import Image
-
-    from ..tasks.drawing import legend_strip, load_image, overlay_segmentation
-    from ..tasks.predict import predict
-    from ..weights.checkpoint import load_checkpoint
 
     files = sorted((scenes / "images" / "validation").glob("*.jpg"))[:count]
     classes = [line for line in (scenes / "classes.txt").read_text().splitlines() if line]

@@ -25,6 +25,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..models.piip import PIIP
+
 __all__ = ["ParamRule", "param_rules", "build_param_groups", "build_optimizer", "cosine_lambda",
            "step_lambda", "poly_lambda", "build_scheduler", "total_steps", "layer_ids"]
 
@@ -42,8 +44,6 @@ class ParamRule:
 
 
 def _find_piip(model: nn.Module):
-    from ..models.piip import PIIP
-
     model = getattr(model, "module", model)  # DDP
     model = getattr(model, "_orig_mod", model)  # torch.compile
     for prefix, module in model.named_modules():

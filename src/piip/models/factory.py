@@ -7,6 +7,8 @@ from typing import Mapping
 
 from ..config.model import PIIPConfig
 from ..ops import use_onednn_linears
+from ..weights import load_branch_weights
+from ..weights.checkpoint import load_checkpoint
 from .piip import PIIP
 from .registry import get_config
 
@@ -57,11 +59,7 @@ def create_model(
         config = get_config(name, **overrides)
     model = use_onednn_linears(PIIP(config))  # the process setting: piip.ops.onednn_linears_enabled
     if pretrained or branch_weights:
-        from ..weights import load_branch_weights
-
         model.pretrained_report = load_branch_weights(model, branch_weights, use_hub=pretrained)
     elif checkpoint is not None:
-        from ..weights.checkpoint import load_checkpoint
-
         load_checkpoint(checkpoint, model)
     return model

@@ -7,6 +7,7 @@ import json
 from ...argtypes import POSITIVE, fraction
 from ...data import DataConfig, resolve_data_arg
 from ...precision import autocast_dtype
+from .evaluation import evaluate_checkpoint
 
 __all__ = ["add_eval_arguments", "run_eval_command"]
 
@@ -27,8 +28,6 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_eval_command(args: argparse.Namespace, console) -> None:
     from rich.table import Table
-
-    from .evaluation import evaluate_checkpoint
 
     dataset, root = resolve_data_arg(args.data, args.dataset)
     data = DataConfig(dataset=dataset, root=root, image_size=args.image_size, limit=args.limit,

@@ -8,6 +8,7 @@ import os
 from ...argtypes import POSITIVE
 from ...data.coco import DetectionDataConfig
 from ...precision import autocast_dtype
+from .evaluation import evaluate_checkpoint
 
 __all__ = ["add_eval_arguments", "run_eval_command"]
 
@@ -25,8 +26,6 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_eval_command(args: argparse.Namespace, console) -> None:
     from rich.table import Table
-
-    from .evaluation import evaluate_checkpoint
 
     data = DetectionDataConfig(root=args.data, val_split=args.split, val_ann=args.ann_file,
                                val_images=args.images, limit=args.limit)

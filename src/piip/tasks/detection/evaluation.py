@@ -24,8 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...data.coco import build_coco_dataset, collate_detection
 from ...precision import autocast
+from ...weights.checkpoint import load_checkpoint
 from ..base import evaluation_progress
+from .model import PIIPDetector
 
 __all__ = ["METRIC_NAMES", "detections_to_coco", "coco_metrics", "evaluate_detector", "evaluate_checkpoint"]
 
@@ -147,10 +150,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data, *, split: str = "va
     """Load a detector checkpoint and score it on ``split`` of ``data`` (a
     :class:`~piip.data.coco.DetectionDataConfig`; ``batch_size`` defaults to 2)."""
     from torch.utils.data import DataLoader
-
-    from ...data.coco import build_coco_dataset, collate_detection
-    from ...weights.checkpoint import load_checkpoint
-    from .model import PIIPDetector
 
     model = load_checkpoint(checkpoint, device=device)
     if not isinstance(model, PIIPDetector):

@@ -7,6 +7,7 @@ import os
 
 from ...data.semseg import SegmentationDataConfig
 from ...precision import autocast_dtype
+from .evaluation import evaluate_checkpoint
 
 __all__ = ["add_eval_arguments", "run_eval_command"]
 
@@ -30,8 +31,6 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_eval_command(args: argparse.Namespace, console) -> None:
     from rich.table import Table
-
-    from .evaluation import evaluate_checkpoint
 
     split = "train" if args.split == "train" else "val"
     folder_name = {} if args.split in ("train", "val") else {"val_split": args.split}  # another folder under --data

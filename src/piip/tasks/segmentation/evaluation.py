@@ -21,6 +21,9 @@ from ...precision import autocast
 from ..base import evaluation_progress
 
 from .model import resize
+from ...data.semseg import build_segmentation_dataset, collate_segmentation, fit_size
+from ...weights.checkpoint import load_checkpoint
+from .model import PIIPSegmenter
 
 __all__ = ["SegmentationMetrics", "segment", "slide_windows", "area_counts", "metrics_from_areas",
            "evaluate_segmenter", "evaluate_checkpoint"]
@@ -50,7 +53,6 @@ def segment(model: nn.Module, image: torch.Tensor, *, mode: str | None = None, f
     resized back to ``(H, W)`` and turned into probabilities. ``flip`` averages the probabilities of
     the image and its mirror.
     """
-    from ...data.semseg import fit_size
 
     cfg = model.config
     mode = mode or cfg.inference
@@ -172,10 +174,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data, *, split: str = "va
     ``"slide"``; default: the checkpoint's) and optional ``flip``; images are loaded ``batch_size``
     (default 1) at a time and segmented one by one."""
     from torch.utils.data import DataLoader
-
-    from ...data.semseg import build_segmentation_dataset, collate_segmentation
-    from ...weights.checkpoint import load_checkpoint
-    from .model import PIIPSegmenter
 
     model = load_checkpoint(checkpoint, device=device)
     if not isinstance(model, PIIPSegmenter):
