@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import distributed as D
 from .checkpoint import check_training_state, latest_checkpoint, load_training_checkpoint, rng_state, set_rng_state
-from ..ops import use_onednn_linears
+from ..ops import onednn_linears_enabled, use_onednn_linears
 from ..precision import autocast, autocast_dtype
 from .config import TrainConfig
 from .hooks import BestMetric, Checkpointer, Evaluator, Hook, MetricsLogger
@@ -133,8 +133,11 @@ class TrainLoop:
         cfg = self.cfg
         _seed_all(cfg.run.seed)
         model = self.task.build_model(cfg, dataset).to(self.device)
-        if cfg.run.onednn_linears is not None:  # the run's choice over the process setting the builders followed
-            use_onednn_linears(model, cfg.run.onednn_linears)
+        route = cfg.run.onednn_linears  # the run's choice over the process setting the builders followed
+        if route is None and self.world > 1:  # one route on every rank: rank 0's measured choice
+            route = D.broadcast_object(onednn_linears_enabled() if D.is_main() else None)
+        if route is not None:
+            use_onednn_linears(model, route)
         # SyncBatchNorm needs GPU tensors; on CPU each process keeps its own statistics
         if self.world > 1 and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
