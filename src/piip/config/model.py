@@ -414,7 +414,7 @@ class PIIPConfig(Serializable):
         if interaction:
             overrides["interaction"] = {**interaction, **overrides.get("interaction", {})}
         rates = overrides.pop("branch_drop_path", None)
-        top = {f.name for f in dataclasses.fields(PIIPConfig)} - {"branches"}
+        top = {f.name for f in dataclasses.fields(PIIPConfig)} - {"branches", "task"}
         per_branch = {f.name for f in dataclasses.fields(BranchConfig)}
         unknown = sorted(set(overrides) - top - per_branch)
         if unknown:
