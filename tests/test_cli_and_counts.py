@@ -120,7 +120,7 @@ def test_bench_measures_in_a_subprocess_and_compares(capsys):
     assert model["latency_ms"] > 0 and model["peak_memory_mb"] > 0 and model["malloc_tuned"]
     expected = actual_complexity(get_config("piip_tsb", resolutions="192/160/128"))
     assert model["macs"] == expected.macs and model["params"] == expected.params
-    assert ratios["macs"] == 1.0
+    assert ratios["macs"] == 1.0 and base["macs"] == model["macs"] and base["latency_ms"] > 0
     assert ratios["output_rel_error"] == 0.0  # same seed, same weights, same images, same dtype
 
 

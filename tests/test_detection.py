@@ -18,7 +18,7 @@ import piip
 from piip.data.coco import CocoDetection, collate_detection
 from piip.tasks.detection import (AlignedMultiScaleRoIAlign, PIIPDetector, build_detector, coco_metrics,
                                   detections_to_coco)
-from piip.tasks.detection.rcnn_parts import MaxIoUMatcher, MMDetRegionProposalNetwork, MMDetRoIHeads
+from piip.tasks.detection.rcnn_parts import MMDetRegionProposalNetwork, MMDetRoIHeads
 
 from conftest import free_port, needs_fmnist, tiny_branch, tiny_config, train_config_file
 
@@ -653,7 +653,6 @@ def test_shipped_3x_multi_scale_recipes(name, variant, size):
     """The paper's "3x + MS": the 1x recipe for 36 epochs with steps at 27 and 33, and the authors'
     multi-scale augmentation cropping at the model's input size S with scales S / 1024 times
     MMDetection's, tested at (int(800 r), int(1333 r)) as their _ms configs."""
-    from piip.data.multiscale import MultiScaleCrop
     from piip.engine import load_config
     from piip.tasks.detection.task import DetectionTask
 

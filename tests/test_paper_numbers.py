@@ -232,7 +232,7 @@ def test_per_block_windows_are_counted_block_by_block() -> None:
     counted by hand with the authors' formulas: Linear MACs on the real tokens (the InternViT
     class on the padded grid for its windowed qkv), 2*N*ws^2*D attention per windowed block,
     2*N^2*D per global block."""
-    D, N, side = 64, 400, 20
+    D, N = 64, 400  # a 20 x 20 grid
     windows = (2, 2, None, 4, 4, None)
     attention = sum(2 * N * (w * w if w else N) * D for w in windows)
     linear = 6 * (3 * N * D * D + N * D * D + 2 * N * D * 4 * D)
