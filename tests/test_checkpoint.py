@@ -58,6 +58,10 @@ def test_config_and_metadata_are_stored(tmp_path):
     data = read_checkpoint(path)
     assert data["config"] == model.config and data["extra"] == {}
     assert data["metadata"]["source"] == "x.pth"
+    assert len(data["state_dict"]) == len(model.state_dict())
+    header = read_checkpoint(path, tensors=False)  # what a caller decides on before loading
+    assert header["kind"] == "piip" and header["config"] == model.config and header["metadata"] == data["metadata"]
+    assert header["state_dict"] == {} and header["extra"] == {}
 
 
 def test_extra_tensors_keep_their_prefixes(tmp_path):

@@ -120,6 +120,6 @@ def whole_model_checkpoint(model_cfg: Any, kind: str) -> nn.Module | None:
     ``kind`` (fine-tuning a whole detector or segmenter); ``None`` when the run builds its model (the
     checkpoint then holds a backbone). The weight sources are checked either way."""
     check_weight_sources(model_cfg.pretrained, model_cfg.branch_weights, model_cfg.checkpoint)
-    if model_cfg.checkpoint is not None and read_checkpoint(model_cfg.checkpoint)["kind"] == kind:
+    if model_cfg.checkpoint is not None and read_checkpoint(model_cfg.checkpoint, tensors=False)["kind"] == kind:
         return load_checkpoint(model_cfg.checkpoint).train()
     return None

@@ -75,7 +75,7 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
     if out.exists() and not out.is_dir():
         raise ValueError(f"the output folder {str(out)!r} is a file; name a folder for the drawn images and "
                          "predictions.json")
-    meta = read_checkpoint(checkpoint)["metadata"]
+    meta = read_checkpoint(checkpoint, tensors=False)["metadata"]
     names = json.loads(meta["class_names"]) if "class_names" in meta else None
     model = load_checkpoint(checkpoint, device=device)
     task = task_for_model(model)

@@ -216,12 +216,14 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, extra: Mapping[st
     return path
 
 
-def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", *,
+                    tensors: bool = True) -> dict[str, Any]:
     """Read a piip checkpoint without building the model.
 
     Returns a dict with ``kind`` (``"piip"``, ``"detector"``, ...), ``config`` (that model's
     config), ``state_dict`` (the model tensors), ``extra`` (``{prefix: {name: tensor}}``) and
-    ``metadata`` (the raw header strings).
+    ``metadata`` (the raw header strings). ``tensors=False`` reads the header only (``state_dict``
+    and ``extra`` empty): what a caller needs to know before it loads the model.
     """
     from safetensors import safe_open
 
@@ -231,7 +233,7 @@ def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     try:
         with safe_open(path, framework="pt", device=str(device)) as f:
             metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            stored = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except Exception as err:  # safetensors raises its own SafetensorError / OSError types
         size = os.path.getsize(path)
         raise CheckpointError(
@@ -243,17 +245,16 @@ def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
             "'config' in its metadata); convert the authors' checkpoints with "
             "piip.compat.original.convert_checkpoint or save with piip.weights.save_checkpoint")
     kind = metadata.get("model", "piip")
-    kinds = _MODEL_KINDS
-    if kind not in kinds:
+    if kind not in _MODEL_KINDS:
         raise CheckpointError(f"{path!r} holds a model of kind {kind!r}, which this piip does not know "
-                              f"(known: {sorted(kinds)}); it was written by piip {metadata.get('piip_version')}")
+                              f"(known: {sorted(_MODEL_KINDS)}); it was written by piip {metadata.get('piip_version')}")
     try:
-        config = kinds[kind][0].from_dict(json.loads(metadata["config"]))
+        config = _MODEL_KINDS[kind][0].from_dict(json.loads(metadata["config"]))
     except Exception as err:
         raise CheckpointError(f"{path!r} holds an invalid piip config: {err}") from err
     extra_prefixes = set(json.loads(metadata.get("extra_prefixes", "[]")))
     state, extra = {}, {}
-    for key, tensor in tensors.items():
+    for key, tensor in stored.items():
         prefix, _, rest = key.partition(".")
         if prefix in extra_prefixes:
             extra.setdefault(prefix, {})[rest] = tensor
