@@ -11,34 +11,32 @@ __all__ = ["POSITIVE", "NON_NEGATIVE", "fraction", "device", "device_problem", "
 DTYPES = ("fp32", "bf16", "fp16")
 
 
-def _int_at_least(low: int):
-    """An argparse type: an integer >= ``low`` (the option is named in argparse's one-line error)."""
-    def parse(text: str) -> int:
+def _bounded(convert: type, in_range, bound: str):
+    """An argparse type: ``convert(text)`` when ``in_range`` of it holds, else argparse's one-line
+    error naming the option, the bound and the value."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+            raise argparse.ArgumentTypeError(f"invalid {convert.__name__} value: {text!r}") from None
+        if not in_range(value):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
         return value
 
-    parse.__name__ = "int"
+    parse.__name__ = convert.__name__
     return parse
+
+
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+    return _bounded(int, lambda value: value >= low, f">= {low}")
 
 
 def fraction(low_open: bool):
     """An argparse type: a float in (0, 1] (``low_open``) or [0, 1]."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
-        if not (0 < value <= 1 if low_open else 0 <= value <= 1):
-            raise argparse.ArgumentTypeError(f"must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
-        return value
-
-    parse.__name__ = "float"
-    return parse
+    if low_open:
+        return _bounded(float, lambda value: 0 < value <= 1, "in (0, 1]")
+    return _bounded(float, lambda value: 0 <= value <= 1, "in [0, 1]")
 
 
 POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
