@@ -35,8 +35,6 @@ def build_model_config(mcfg: ModelConfig, task: str = "cls", num_classes: int | 
     named = {name: getattr(mcfg, name) for name in MODEL_OVERRIDES}
     if named["num_classes"] is None:
         named["num_classes"] = num_classes
-    if mcfg.branch_drop_path is not None:  # per branch wins over the one rate for all
-        named["drop_path_rate"] = None
     try:
         return config.with_overrides(**named, **(mcfg.overrides or {}))
     except (TypeError, ValueError) as err:  # a run's mistake: one line naming the section
