@@ -28,7 +28,7 @@ from ...data.coco import build_coco_dataset, collate_detection
 from ...precision import autocast
 from ...weights.checkpoint import load_checkpoint
 from ..base import evaluation_progress
-from .model import PIIPDetector
+from .model import Detector
 
 __all__ = ["METRIC_NAMES", "detections_to_coco", "coco_metrics", "evaluate_detector", "evaluate_checkpoint"]
 
@@ -98,7 +98,7 @@ def coco_metrics(ground_truth: dict, results: list[dict], iou_types: Sequence[st
 def evaluate_detector(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu",
                       amp_dtype: torch.dtype | None = None, gather: Callable[[list], list] | None = None,
                       save_to: str | os.PathLike | None = None, progress: bool = False) -> dict[str, Any]:
-    """Run ``model`` (a :class:`~piip.tasks.detection.PIIPDetector`) over a loader of a
+    """Run ``model`` (any :class:`~piip.tasks.detection.Detector` kind) over a loader of a
     :class:`~piip.data.coco.CocoDetection` split and score it with COCO AP.
 
     ``gather`` combines every process's detections (the engine's all-gather under DDP);
@@ -152,7 +152,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data, *, split: str = "va
     from torch.utils.data import DataLoader
 
     model = load_checkpoint(checkpoint, device=device)
-    if not isinstance(model, PIIPDetector):
+    if not isinstance(model, Detector):
         raise ValueError(f"checkpoint {os.fspath(checkpoint)!r} holds a {type(model).__name__}, not a detector; "
                          "`eval det` needs a detection checkpoint (piip train det / piip convert of a Mask R-CNN file)")
     dataset = build_coco_dataset(data, split, masks=False)

@@ -15,7 +15,7 @@ from ...weights.checkpoint import save_checkpoint
 from ..base import BaseTask, head_settings, optional_validation, whole_model_checkpoint
 from . import authors_heads, cli, inference
 from .evaluation import check_classes, evaluate_checkpoint, evaluate_detector
-from .model import DetectorConfig, PIIPDetector, build_detector, build_detector_from_config
+from .model import DETECTOR_KINDS, Detector, DetectorConfig, build_detector, build_detector_from_config
 
 __all__ = ["DetectionTask"]
 
@@ -27,7 +27,8 @@ class DetectionTask(BaseTask, name="det", data_config=DetectionDataConfig, metri
                     model_config=DetectorConfig, model_from_config=build_detector_from_config,
                     evaluate_checkpoint=evaluate_checkpoint, cli=cli, inference=inference,
                     authors_heads=(authors_heads.has_mask_rcnn_heads, authors_heads.with_authors_heads)):
-    """Object detection / instance segmentation (Mask R-CNN, or Faster R-CNN with ``masks: false``)."""
+    """Object detection / instance segmentation: ``model.head.kind`` ``mask_rcnn`` (default; Faster
+    R-CNN with ``masks: false``), ``cascade_mask_rcnn`` or ``dino`` (boxes only)."""
 
     #: a batch without positive proposals leaves the mask head unused: DDP must allow that
     find_unused_parameters: ClassVar[bool] = True
@@ -48,12 +49,20 @@ class DetectionTask(BaseTask, name="det", data_config=DetectionDataConfig, metri
 
     def build_datasets(self, cfg) -> tuple[Dataset, Dataset | None]:
         size = self._input_size(cfg) if cfg.data.sizes_training_images else None
-        train = build_coco_dataset(cfg.data, "train", masks=self.head.get("masks", True), input_size=size)
+        train = build_coco_dataset(cfg.data, "train", masks=self._wants_masks(), input_size=size)
         if train.masks and not train.mask_annotations:
             self._train_box_only(train)
         val = optional_validation(lambda: build_coco_dataset(cfg.data, "val", masks=False),
                                   explicit=cfg.data.val_ann is not None or cfg.data.val_images is not None)
         return train, val
+
+    def _wants_masks(self) -> bool:
+        """Whether the detector to train learns masks: ``model.head.masks``, else its kind's default."""
+        kind = self.head.get("kind", DetectorConfig.kind)
+        if kind not in DETECTOR_KINDS:
+            raise ValueError(f"model.head.kind must be one of {sorted(DETECTOR_KINDS)}, got {kind!r}")
+        masks = self.head.get("masks")
+        return DETECTOR_KINDS[kind].defaults["masks"] if masks is None else masks
 
     def _train_box_only(self, train: CocoDetection) -> None:
         """Training data without a single mask: a box-only detector, decided before the first step
@@ -94,9 +103,9 @@ class DetectionTask(BaseTask, name="det", data_config=DetectionDataConfig, metri
                  gather: Callable[[list], list] | None = None, save_to: str | None = None) -> dict[str, float]:
         return evaluate_detector(model, loader, device, amp_dtype, gather=gather, save_to=save_to)
 
-    def export(self, model: PIIPDetector, path: str) -> str:
+    def export(self, model: Detector, path: str) -> str:
         return save_checkpoint(model, path)
 
     @staticmethod
     def owns(model: nn.Module) -> bool:
-        return isinstance(model, PIIPDetector)
+        return isinstance(model, Detector)
