@@ -84,9 +84,11 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     from .analysis.bench import benchmark, compare
 
     if args.train and args.task == "seg":
-        raise ValueError("--train times a Mask R-CNN step (--task det) or a classifier step (--task cls)")
+        raise ValueError("--train times a detector step (--task det) or a classifier step (--task cls)")
+    if args.detector is not None and args.task != "det":
+        raise ValueError(f"--detector needs --task det (a dense backbone), got --task {args.task}")
     common = dict(batch=args.batch, repeat=args.repeat, warmup=args.warmup, device=args.device,
-                  tune_malloc=not args.no_tune_malloc, train=args.train)
+                  tune_malloc=not args.no_tune_malloc, train=args.train, detector=args.detector)
     with console.status(f"benchmarking {args.name} ({args.dtype}) ..."):
         model = benchmark(args.name, dtype=args.dtype, **common, **_overrides(args))
     baseline_overrides = {"task": args.task}
@@ -99,8 +101,10 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps({"model": model.to_dict(), "baseline": base.to_dict(), "ratios": ratios}))
         return
-    what = ("classifier training step" if args.task == "cls" else "Mask R-CNN training step") if args.train \
-        else "forward"
+    detector = {"mask_rcnn": "Mask R-CNN", "cascade_mask_rcnn": "Cascade Mask R-CNN", "dino": "DINO"}.get(
+        model.detector, model.detector)
+    what = ("classifier training step" if args.task == "cls" else f"{detector} training step") if args.train \
+        else f"{detector} inference" if detector else "forward"
     table = Table(title=f"{what}, batch {args.batch}, {args.device}, median of {args.repeat}")
     for column in ("model", "dtype", "resolutions", "params (M)", "MACs (G)",
                    "step (ms)" if args.train else "latency (ms)", "peak mem (MiB)", "beyond weights (MiB)",
@@ -249,7 +253,7 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_flops)
 
-    p = sub.add_parser("bench", help="forward latency / memory / MACs/s against a baseline")
+    p = sub.add_parser("bench", help="forward or training-step latency / memory / MACs/s against a baseline")
     _model_args(p)
     p.add_argument("--baseline", default="vitdet_base")
     p.add_argument("--baseline-resolutions")
@@ -263,8 +267,11 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--warmup", type=NON_NEGATIVE, default=1)
     p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--train", action="store_true",
-                   help="time one optimiser step instead of a forward: a whole Mask R-CNN around each "
-                        "backbone (--task det), the classifier with cross-entropy (--task cls)")
+                   help="time one optimiser step instead of a forward: a whole detector around each "
+                        "backbone (--task det; --detector), the classifier with cross-entropy (--task cls)")
+    p.add_argument("--detector", metavar="KIND",
+                   help="the detector kind around each dense backbone: mask_rcnn (the --train default), "
+                        "cascade_mask_rcnn or dino; without --train, one inference of the whole detector")
     p.add_argument("--no-tune-malloc", action="store_true",
                    help="measure memory: glibc maps every block over 128 KiB alone and returns it at free, so "
                         "the resident set follows the live tensors (see piip.analysis.bench)")

@@ -1,6 +1,7 @@
 """Side-by-side benchmarks: forward latency, peak memory and achieved MACs/s of a backbone, or
-(``train=True``) one optimiser step of the whole model around it: a Mask R-CNN for dense backbones,
-the classifier itself (cross-entropy) for ``task="cls"``.
+(``train=True``) one optimiser step of the whole model around it: a detector for dense backbones
+(``detector``: any registered kind, Mask R-CNN by default), the classifier itself (cross-entropy)
+for ``task="cls"``; with ``detector`` and no ``train``, one inference of the whole detector.
 
 Each model is measured in a fresh subprocess, so peak memory is that model's alone: on CPU it is the
 process's peak resident set during the measured passes (Linux ``VmHWM``, reset just before) minus
@@ -33,7 +34,7 @@ import torch
 
 from .. import precision
 from ..models.factory import create_model
-from ..tasks.detection import build_detector
+from ..tasks.detection import DETECTOR_KINDS, build_detector
 from .actual_flops import actual_complexity
 
 __all__ = ["BenchResult", "benchmark", "compare", "time_forward"]
@@ -65,6 +66,7 @@ class BenchResult:
     activation_memory_mb: float = 0.0
     malloc_tuned: bool = False
     mode: str = "forward"  # or "train": one AdamW step of the whole model (see module doc)
+    detector: str | None = None  # the detector kind around a dense backbone, when one was measured
     output: torch.Tensor | None = None  # the stride-16 map (det) or the logits (cls), float32
 
 
@@ -133,12 +135,21 @@ def _detection_batch(size: tuple[int, int], batch: int, device: str) -> tuple[li
     return images, targets
 
 
-def _training_step(name: str, overrides: dict, dtype: str, batch: int, device: str):
+def _detector(name: str, overrides: dict, dtype: str, kind: str, device: str):
+    """A detector of ``kind`` (80 classes) around variant ``name``, the backbone under ``dtype``
+    autocast and the heads in fp32, and the authors' detection image size ``S x S*800//1333``."""
+    backbone = create_model(name, **{**overrides, "task": "det"})
+    model = build_detector(backbone, 80, kind=kind, backbone_dtype=dtype).to(device)
+    finest = backbone.config.input_size
+    return model, backbone, (finest * 800 // 1333, finest)
+
+
+def _training_step(name: str, overrides: dict, dtype: str, batch: int, device: str, kind: str):
     """The model to train, its backbone, the input size and a closure returning the step's loss.
 
-    Dense backbones get a Mask R-CNN (80 classes) on images of the authors' detection size
-    (``S x S*800//1333``), the backbone under ``dtype`` autocast and the heads in fp32; a
-    classifier is trained with cross-entropy on random square images at its input size.
+    Dense backbones get a detector of ``kind`` (:func:`_detector`) on random images with ten boxes
+    and masks each; a classifier is trained with cross-entropy on random square images at its input
+    size.
     """
 
     if overrides.get("task", "det") == "cls":
@@ -154,16 +165,14 @@ def _training_step(name: str, overrides: dict, dtype: str, batch: int, device: s
             return torch.nn.functional.cross_entropy(logits.float(), labels)
         return model, model, size, loss
 
-    backbone = create_model(name, **{**overrides, "task": "det"})
-    model = build_detector(backbone, 80, backbone_dtype=dtype).to(device).train()
-    finest = backbone.config.input_size
-    size = (finest * 800 // 1333, finest)
+    model, backbone, size = _detector(name, overrides, dtype, kind, device)
+    model.train()
     images, targets = _detection_batch(size, batch, device)
     return model, backbone, size, lambda: sum(model(images, targets).values())
 
 
 def _measure(name: str, overrides: dict, dtype: str, batch: int, repeat: int, warmup: int,
-             device: str, threads: int | None, train: bool = False) -> dict:
+             device: str, threads: int | None, train: bool = False, detector: str | None = None) -> dict:
     torch.manual_seed(0)  # same weights and images in every process: outputs are comparable
 
     if threads:
@@ -171,7 +180,8 @@ def _measure(name: str, overrides: dict, dtype: str, batch: int, repeat: int, wa
     on_cuda = device.startswith("cuda")
     rss_before = 0 if on_cuda else _rss_kb("VmRSS") / 1024
     if train:
-        model, backbone, size, loss_fn = _training_step(name, overrides, dtype, batch, device)
+        model, backbone, size, loss_fn = _training_step(name, overrides, dtype, batch, device,
+                                                        detector or "mask_rcnn")
         config = backbone.config
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -180,6 +190,16 @@ def _measure(name: str, overrides: dict, dtype: str, batch: int, repeat: int, wa
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        out = None
+    elif detector is not None:  # one inference of the whole detector, as evaluation runs it
+        model, backbone, size = _detector(name, overrides, dtype, detector, device)
+        model.eval()
+        config = backbone.config
+        images = [torch.rand(3, *size, device=device) for _ in range(batch)]
+
+        def run() -> None:
+            with torch.inference_mode():
+                model(images)
         out = None
     else:
         model = create_model(name, **overrides).eval().to(device)
@@ -193,7 +213,7 @@ def _measure(name: str, overrides: dict, dtype: str, batch: int, repeat: int, wa
     else:
         rss_passes = _rss_kb("VmRSS") / 1024
         _reset_peak_rss()
-    if train:
+    if train or detector is not None:
         latencies = _time_steps(run, repeat, warmup, on_cuda)
     else:
         latencies, out = time_forward(model, images, repeat=repeat, warmup=warmup, autocast=autocast)
@@ -206,23 +226,33 @@ def _measure(name: str, overrides: dict, dtype: str, batch: int, repeat: int, wa
         input_size=size, params=complexity.params, macs=complexity.macs,
         latency_ms=statistics.median(latencies), latencies_ms=tuple(latencies),
         peak_memory_mb=peak - rss_before, activation_memory_mb=peak - rss_passes, device=device,
-        mode="train" if train else "forward", output=out))
+        mode="train" if train else "forward", detector=(detector or "mask_rcnn") if train and config.task == "det"
+        else detector, output=out))
 
 
 def benchmark(name: str, *, dtype: str = "fp32", batch: int = 1, repeat: int = 3, warmup: int = 1,
               device: str = "cpu", threads: int | None = None, tune_malloc: bool = True, train: bool = False,
+              detector: str | None = None,
               **overrides) -> BenchResult:
     """Measure variant ``name`` (with ``create_model`` overrides) in a fresh subprocess.
 
     ``tune_malloc``: on CPU, start the subprocess with :data:`CPU_MALLOC_TUNING` (speed) or, when
     False, :data:`CPU_MALLOC_EXACT` (memory); see the module doc.
-    ``train``: time one optimiser step of the whole model instead of a forward pass (a Mask R-CNN
+    ``train``: time one optimiser step of the whole model instead of a forward pass (a detector
     around a dense backbone, the classifier itself with ``task="cls"``); MACs stay the backbone's
     forward.
+    ``detector``: the detector kind (:data:`~piip.tasks.detection.DETECTOR_KINDS`) trained, or
+    without ``train`` run whole in evaluation mode (default: Mask R-CNN for a training step, the
+    backbone alone for a forward).
     """
     precision.autocast_dtype(dtype)  # an unknown name is refused before any work
     if batch < 1 or repeat < 1 or warmup < 0:
         raise ValueError("batch and repeat must be >= 1 and warmup >= 0")
+    if detector is not None:
+        if detector not in DETECTOR_KINDS:
+            raise ValueError(f"detector must be one of {sorted(DETECTOR_KINDS)}, got {detector!r}")
+        if overrides.get("task", "det") != "det":
+            raise ValueError(f"a detector needs a dense backbone (task 'det'), got task {overrides['task']!r}")
     on_cpu = not device.startswith("cuda")
     environment = (CPU_MALLOC_TUNING if tune_malloc else CPU_MALLOC_EXACT) if on_cpu else {}
     ctx = mp.get_context("spawn")
@@ -233,7 +263,8 @@ def benchmark(name: str, *, dtype: str = "fp32", batch: int = 1, repeat: int = 3
             os.environ.pop(key, None)
         os.environ.update(environment)
         with ctx.Pool(1) as pool:
-            data = pool.apply(_measure, (name, overrides, dtype, batch, repeat, warmup, device, threads, train))
+            data = pool.apply(_measure, (name, overrides, dtype, batch, repeat, warmup, device, threads, train,
+                                         detector))
     finally:
         for key, value in saved.items():
             if value is None:
