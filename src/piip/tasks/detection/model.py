@@ -47,7 +47,7 @@ from ...config.typed import Serializable
 from ...models.piip import PIIP
 from ...precision import autocast, autocast_dtype
 from ...ops import use_onednn_linears
-from .rcnn_parts import BOX_LOSSES, MMDetRegionProposalNetwork, MMDetRoIHeads, MMDetTransform
+from .rcnn_parts import BOX_LOSSES, MMDetRegionProposalNetwork, MMDetTransform
 
 __all__ = ["DetectorConfig", "Detector", "detect_in_size_groups", "PIIPDetector", "DetectorBackbone", "build_detector",
            "build_detector_from_config", "DetectorKind", "DETECTOR_KINDS", "register_detector_kind"]
@@ -70,7 +70,7 @@ class DetectorConfig(Serializable):
         masks: instance masks (Mask R-CNN) or boxes only (Faster R-CNN); ``None``: the kind's
             default (masks where the kind has a mask head; DINO has none).
         fpn_channels: the neck's width.
-        box_head_dim: width of the box head's two FC layers (1024 in Mask R-CNN).
+        box_head_dim: width of the box head's FC layers (Mask R-CNN's two, each Cascade stage's one; 1024).
         mask_head_dim: width of the mask head's four convs and deconvolution (256).
         anchor_sizes: one anchor size per pyramid level (5 levels), aspect ratios 0.5/1/2.
         min_size, max_size: keep-ratio resize bounds (short side, long side); ``None`` derives
@@ -81,7 +81,8 @@ class DetectorConfig(Serializable):
         rpn_batch_size_per_image, box_batch_size_per_image: anchors / proposals sampled per image
             for the losses (256 at 50% positives, 512 at 25%).
         box_loss: the RPN's and the R-CNN box head's regression loss, ``"l1"`` (the authors' Mask
-            R-CNN) or ``"smooth_l1"`` (torchvision; ViT-Adapter's Cascade RPN); ``None``: the kind's.
+            R-CNN) or ``"smooth_l1"`` (torchvision; ViT-Adapter's Cascade RPN; the Cascade stages
+            regress with a GIoU loss whatever it is); ``None``: the kind's.
         score_thresh, nms_thresh, mask_thresh: test-time settings of the R-CNN kinds.
         detections_per_img: detections kept per image (``None``: the kind's, 100 for the R-CNNs,
             300 for DINO).
@@ -242,7 +243,7 @@ class PIIPDetector(GeneralizedRCNN, Detector):
     """
 
     def __init__(self, config: DetectorConfig, backbone: DetectorBackbone, rpn: MMDetRegionProposalNetwork,
-                 roi_heads: MMDetRoIHeads, transform: MMDetTransform):
+                 roi_heads: nn.Module, transform: MMDetTransform):
         super().__init__(backbone, rpn, roi_heads, transform)
         self.config = config
 

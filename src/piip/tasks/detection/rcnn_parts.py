@@ -89,24 +89,29 @@ class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
 
 
 class MaxIoUMatcher(Matcher):
-    """MMDetection's ``MaxIoUAssigner`` (with ``match_low_quality=True``, ``gt_max_assign_all=True``)
-    in torchvision's matcher convention: ``matches[i]`` is a ground-truth index, or
-    ``BELOW_LOW_THRESHOLD`` (background) or ``BETWEEN_THRESHOLDS`` (ignored).
+    """MMDetection's ``MaxIoUAssigner`` (``gt_max_assign_all=True``) in torchvision's matcher
+    convention: ``matches[i]`` is a ground-truth index, or ``BELOW_LOW_THRESHOLD`` (background) or
+    ``BETWEEN_THRESHOLDS`` (ignored).
 
     A prediction is matched to its best ground truth at IoU >= ``high_threshold`` and is background
-    below ``low_threshold``. Then every ground truth whose best IoU is at least ``min_pos_iou`` also
-    takes the predictions that reach that best IoU (ties included), ground truths later in the list
-    overriding earlier ones, as MMDetection's loop over ground truths does. torchvision's
-    ``allow_low_quality_matches`` has no ``min_pos_iou``: a small object that no anchor overlaps
-    would make every IoU-0 anchor a positive for it.
+    below ``low_threshold``. Then, with ``match_low_quality`` (MMDetection's default), every ground
+    truth whose best IoU is at least ``min_pos_iou`` also takes the predictions that reach that best
+    IoU (ties included), ground truths later in the list overriding earlier ones, as MMDetection's
+    loop over ground truths does. torchvision's ``allow_low_quality_matches`` has no
+    ``min_pos_iou``: a small object that no anchor overlaps would make every IoU-0 anchor a positive
+    for it. Without ``match_low_quality`` (Cascade R-CNN's stages) the IoU thresholds alone decide.
     """
 
-    def __init__(self, high_threshold: float, low_threshold: float, min_pos_iou: float):
+    def __init__(self, high_threshold: float, low_threshold: float, min_pos_iou: float,
+                 match_low_quality: bool = True):
         super().__init__(high_threshold, low_threshold, allow_low_quality_matches=False)
         self.min_pos_iou = min_pos_iou
+        self.match_low_quality = match_low_quality
 
     def __call__(self, match_quality_matrix: torch.Tensor) -> torch.Tensor:
         matches = super().__call__(match_quality_matrix)
+        if not self.match_low_quality:
+            return matches
         iou = match_quality_matrix
         best_per_gt = iou.max(dim=1).values
         is_best = (iou == best_per_gt[:, None]) & (best_per_gt >= self.min_pos_iou)[:, None]
@@ -125,14 +130,14 @@ def _box_loss(kind: str, predicted: torch.Tensor, target: torch.Tensor, normalis
     return F.smooth_l1_loss(predicted, target, beta=1 / 9, reduction="sum") / normaliser
 
 
-def _use_mmdet_assignment(stage, box_loss: str, min_pos_iou: float) -> None:
+def _use_mmdet_assignment(stage, box_loss: str, min_pos_iou: float, match_low_quality: bool = True) -> None:
     """Give an RPN or RoI-heads ``stage`` its ``box_loss`` and MMDetection's assigner in place of
     torchvision's matcher, at the same IoU thresholds."""
     if box_loss not in BOX_LOSSES:
         raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
     stage.box_loss = box_loss
     stage.proposal_matcher = MaxIoUMatcher(stage.proposal_matcher.high_threshold,
-                                           stage.proposal_matcher.low_threshold, min_pos_iou)
+                                           stage.proposal_matcher.low_threshold, min_pos_iou, match_low_quality)
 
 
 class MMDetRegionProposalNetwork(RegionProposalNetwork):
@@ -166,14 +171,16 @@ def mask_targets(gt_masks: torch.Tensor, proposals: torch.Tensor, matched: torch
 
 class MMDetRoIHeads(RoIHeads):
     """The RoI heads with MMDetection 2.x's training rules: the :class:`MaxIoUMatcher` assigner
-    (``min_pos_iou=0.5``), the ``box_loss`` (``"l1"`` or torchvision's smooth L1) and binary
-    ``aligned=True`` mask targets (:func:`mask_targets`), the BCE averaged over every pixel of
-    the positives whose object has a mask (targets without ``masks``, or with ``has_mask`` false
-    for an object, give none). Inference is torchvision's."""
+    (``min_pos_iou=0.5``; ``match_low_quality=False`` for Cascade R-CNN's stages), the ``box_loss``
+    (``"l1"`` or torchvision's smooth L1) and binary ``aligned=True`` mask targets
+    (:func:`mask_targets`), the BCE averaged over every pixel of the positives whose object has a
+    mask (targets without ``masks``, or with ``has_mask`` false for an object, give none).
+    Inference is torchvision's."""
 
-    def __init__(self, *args, box_loss: str = "l1", min_pos_iou: float = 0.5, **kwargs):
+    def __init__(self, *args, box_loss: str = "l1", min_pos_iou: float = 0.5, match_low_quality: bool = True,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        _use_mmdet_assignment(self, box_loss, min_pos_iou)
+        _use_mmdet_assignment(self, box_loss, min_pos_iou, match_low_quality)
 
     def check_targets(self, targets):
         # torchvision requires masks in every target of a mask head; here a target without masks
