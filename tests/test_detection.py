@@ -547,7 +547,7 @@ def test_converted_mmdet_heads_compute_what_mmdet_computes():
         torch.testing.assert_close(our_masks[:, 1:], ref_masks)
 
 
-def test_piip_convert_turns_an_mmdet_mask_rcnn_file_into_a_detector(tmp_path):
+def test_piip_convert_turns_an_mmdet_mask_rcnn_file_into_a_detector(tmp_path, capsys):
     """A Mask R-CNN file in the authors' layout (the golden backbone plus neck/heads under their names,
     ``state_dict`` + ``meta``) becomes a complete detector checkpoint; a class-agnostic regressor is refused."""
     import copy as _copy
@@ -564,10 +564,18 @@ def test_piip_convert_turns_an_mmdet_mask_rcnn_file_into_a_detector(tmp_path):
     heads = mmdet_heads(64, 80)
     torch.save({"meta": {"epoch": 12}, "state_dict": {**backbone, **heads}}, tmp_path / "mask_rcnn.pth")
     (tmp_path / "kwargs.json").write_text(json.dumps(fx["kwargs"]))
-    assert main(["convert", str(tmp_path / "mask_rcnn.pth"), "--config", str(tmp_path / "kwargs.json"),
-                 "-o", str(tmp_path / "det.safetensors")]) == 0
+    convert = ["convert", str(tmp_path / "mask_rcnn.pth"), "--config", str(tmp_path / "kwargs.json"), "-o"]
+    assert main([*convert, str(tmp_path / "det.safetensors"), "--head", "size_divisible=64",
+                 "--head", "image_mean=[0.485,0.456,0.406]"]) == 0
     det = piip.load(str(tmp_path / "det.safetensors"))
     assert isinstance(det, PIIPDetector) and det.config.num_classes == 80 and det.config.masks
+    assert det.config.size_divisible == 64 and det.config.image_mean == (0.485, 0.456, 0.406)
+    capsys.readouterr()
+    for head, message in (("min_sise=800", "unknown det model setting(s) heads.['min_sise']"),
+                          ("min_size=big", "heads.min_size"), ("min_size", "not of the form key.sub=value")):
+        assert main([*convert, str(tmp_path / "refused.safetensors"), "--head", head]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "refused.safetensors").exists()
     assert det.config.class_names[:3] == ("person", "bicycle", "car") and det.config.category_ids[-1] == 90
     state = det.state_dict()
     torch.testing.assert_close(state["roi_heads.box_predictor.cls_score.weight"][0], heads["roi_head.bbox_head.fc_cls.weight"][80])

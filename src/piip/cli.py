@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .argtypes import DTYPES, NON_NEGATIVE, POSITIVE, check_device, device as _device, fraction
+from .config.typed import read_yaml_value, split_override
 from .tasks import task_classes, task_names
 
 __all__ = ["main"]
@@ -126,9 +127,13 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 def _cmd_convert(args: argparse.Namespace) -> None:
     from .compat.original import convert_checkpoint
 
+    heads = {}
+    for item in args.head:
+        key, raw = split_override(item)
+        heads[key] = read_yaml_value(raw, f"--head {key}")
     with console.status(f"converting {args.checkpoint} ..."):
         summary = convert_checkpoint(args.checkpoint, args.config, args.output, task=args.task,
-                                     use_ema=args.ema)
+                                     use_ema=args.ema, heads=heads or None)
     if args.json:
         print(json.dumps(summary, default=str))
         return
@@ -288,6 +293,10 @@ def _add_convert_and_demo(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="output .safetensors path")
     p.add_argument("--task", choices=("det", "seg", "cls"), help="default: inferred")
     p.add_argument("--ema", action="store_true", help="convert the EMA weights of a classification checkpoint")
+    p.add_argument("--head", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the detector / segmenter built around the file's heads (repeatable), e.g. "
+                        "the test resize and normalisation a DINO file does not hold: --head min_size=1400 "
+                        "--head image_mean=[0.485,0.456,0.406]")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_convert)
 

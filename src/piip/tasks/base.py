@@ -66,25 +66,26 @@ class BaseTask:
         raise NotImplementedError("this task has no heads in the authors' checkpoints")
 
 
-def head_settings(head: dict[str, Any], config_cls: type, derived: tuple[str, ...], what: str) -> dict[str, Any]:
-    """``model.head`` of a run, checked against the fields of the task model's config ``config_cls``
-    (those in ``derived`` come from the backbone and the data, not from the run): unknown names and
-    values that do not fit a field's declared type are refused in one line naming
-    ``model.head.<field>``; ``null`` for a field that cannot be ``None`` means its default (the key
-    is dropped: ``model.head.class_weight=null`` removes a recipe's weights), as everywhere in the
-    run config (:mod:`piip.engine.config`)."""
+def head_settings(head: dict[str, Any], config_cls: type, derived: tuple[str, ...], what: str,
+                  where: str = "model.head") -> dict[str, Any]:
+    """``model.head`` of a run (or the settings named ``where``), checked against the fields of the
+    task model's config ``config_cls`` (those in ``derived`` come from the backbone and the data, not
+    from the run): unknown names and values that do not fit a field's declared type are refused in
+    one line naming ``<where>.<field>``; ``null`` for a field that cannot be ``None`` means its
+    default (the key is dropped: ``model.head.class_weight=null`` removes a recipe's weights), as
+    everywhere in the run config (:mod:`piip.engine.config`)."""
     if not isinstance(head, dict):
-        raise ValueError(f"model.head must be a mapping of {what} settings, got {head!r}")
+        raise ValueError(f"{where} must be a mapping of {what} settings, got {head!r}")
     allowed = sorted(f.name for f in dataclasses.fields(config_cls) if f.name not in derived)
     unknown = sorted(set(head) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown {what} setting(s) model.head.{unknown}; {what} settings are {allowed}")
+        raise ValueError(f"unknown {what} setting(s) {where}.{unknown}; {what} settings are {allowed}")
     hints = typing.get_type_hints(config_cls)
     settings = {}
     for name, value in head.items():
         if value is None and not accepts_none(hints[name]):
             continue  # null: the field's default
-        settings[name] = check_value(hints[name], value, f"model.head.{name}")
+        settings[name] = check_value(hints[name], value, f"{where}.{name}")
     return settings
 
 

@@ -15,6 +15,7 @@ from ...weights.io import read_torch_file, unwrap_state_dict
 from .configs import _check_task, _unwrap_kwargs, build
 from ...models.registry import get_config
 from ...tasks import get_task_class, task_classes
+from ...tasks.base import head_settings
 from .state_dict import convert_state_dict
 
 __all__ = ["load_original_checkpoint", "convert_checkpoint"]
@@ -172,9 +173,11 @@ def convert_checkpoint(src_path: str | os.PathLike, config: str | os.PathLike | 
         task: ``"det"``, ``"seg"`` or ``"cls"``; inferred from the checkpoint's heads, the config
             or the backbone tensors when omitted.
         use_ema: convert a classification checkpoint's EMA weights.
-        heads: settings of the task model built around converted heads: a detector's
+        heads: settings of the task model built around converted heads (``piip convert --head
+            KEY=VALUE``), checked against its config's fields: a detector's
             :class:`~piip.tasks.detection.DetectorConfig` fields (e.g. ``{"size_divisible": 64}``
-            for the ViT baselines, which the authors padded to 64), a segmenter's
+            for the ViT baselines, which the authors padded to 64; a DINO file's test resize and
+            normalisation, which the file does not hold), a segmenter's
             :class:`~piip.tasks.segmentation.SegmenterConfig` fields (the defaults are the authors'
             ADE20K test: slide 512 / 341 at (2048, 512)).
         detector, segmenter: the former names of ``heads`` for a detector / a segmenter
@@ -211,9 +214,15 @@ def convert_checkpoint(src_path: str | os.PathLike, config: str | os.PathLike | 
     if use_ema:
         metadata["weights"] = "model_ema"
     num_tensors = len(converted)
+    settings = heads if heads is not None else (detector if task == "det" else segmenter)  # deprecated names
     if heads_of == task:  # the task's whole model: backbone and converted heads
-        settings = heads if heads is not None else (detector if task == "det" else segmenter)  # deprecated names
-        model, extra, num_tensors = get_task_class(task).with_authors_heads(model, converted, extra, dict(settings or {}))
+        task_class = get_task_class(task)
+        settings = head_settings(dict(settings or {}), task_class.model_config, ("backbone",), f"{task} model",
+                                 where="heads")
+        model, extra, num_tensors = task_class.with_authors_heads(model, converted, extra, settings)
+    elif settings:
+        raise ValueError(f"heads settings {sorted(settings)} given, but {os.fspath(src_path)} holds no {task} heads "
+                         "to build a model around (a backbone-only checkpoint)")
     out = save_checkpoint(model, out_path, extra=extra, metadata=metadata)
     # the config also travels inside the safetensors header; the sidecar is for people and tools
     config_json = os.path.splitext(os.fspath(out))[0] + ".json"
