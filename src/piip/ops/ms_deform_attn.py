@@ -8,8 +8,10 @@ weights load and behave the same:
   i.e. the kernel samples at ``h = y*H - 0.5``, ``w = x*W - 0.5``. Neighbours outside the map count
   as zero. That is exactly ``F.grid_sample(v, 2*loc - 1, mode="bilinear", padding_mode="zeros",
   align_corners=False)``, so grid_sample is the sampling primitive here.
-* The module's offsets are in value-map *pixels* (``loc = ref + offset / (W, H)``), and its
-  attention weights are softmaxed jointly over levels x points per head.
+* The module's offsets are in value-map *pixels* (``loc = ref + offset / (W, H)``) around a
+  reference point, or in fractions of the half size around a reference box (``loc = centre +
+  offset / P * (w, h) / 2``, DINO's decoder), and its attention weights are softmaxed jointly over
+  levels x points per head.
 
 Why the sampling is laid out "points-major". Every head is folded into grid_sample's batch and all
 ``Lq*P`` points of a head become a single grid of shape ``(P, Lq)``. grid_sample vectorises along the
@@ -286,7 +288,8 @@ def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, sampling_locati
 
 
 class MSDeformAttn(nn.Module):
-    """Deformable cross-attention with the original parameterisation (PIIP's interaction core).
+    """Deformable cross-attention with the original parameterisation (PIIP's interaction core, and
+    the attention of DINO's encoder and decoder).
 
     Submodule names and shapes match the released checkpoints: ``sampling_offsets``,
     ``attention_weights``, ``value_proj`` (``d_value_in -> int(d_model*ratio)``) and
@@ -348,9 +351,14 @@ class MSDeformAttn(nn.Module):
 
         Args:
             query: ``(N, Lq, d_model)``.
-            reference_points: normalised ``(x, y)``, shape ``(N, Lq, L, 2)`` or ``(N, Lq, 2)``
-                (shared by all levels); a batch of 1 broadcasts over ``N``, as PIIP's reference
-                points are the same for every image.
+            reference_points: normalised points ``(x, y)``, shape ``(N, Lq, L, 2)`` or ``(N, Lq, 2)``
+                (shared by all levels), or normalised boxes ``(cx, cy, w, h)``, shape
+                ``(N, Lq, L, 4)`` or ``(N, Lq, 4)``; a batch of 1 broadcasts over ``N``, as PIIP's
+                reference points are the same for every image. Around a point the offsets are in
+                value-map pixels (``loc = ref + offset / (W, H)``); around a box they are in
+                fractions of its half size, one ``n_points``-th per unit
+                (``loc = centre + offset / n_points * (w, h) * 0.5``: Deformable DETR's rule for
+                box references, which DINO's decoder uses).
             value_input: ``(N, S, d_value_in)`` with ``S = sum(H*W)`` over levels.
             spatial_shapes: ``(H, W)`` per level; python int pairs keep ``torch.compile`` static.
             input_padding_mask: optional ``(N, S)`` bool, True where ``value_input`` is padding.
@@ -380,10 +388,14 @@ class MSDeformAttn(nn.Module):
             weights = _softmax_last(logits).view(n, lq, num_heads, num_levels, num_points)
             if reference_points.dim() == 3:
                 reference_points = reference_points.unsqueeze(2)
-            pixels_per_unit = torch.tensor([(w, h) for h, w in shapes], dtype=precise,
-                                           device=query.device)
-            locations = (reference_points.to(precise)[:, :, None, :, None, :]
-                         + offsets / pixels_per_unit[:, None, :])
+            reference_points = reference_points.to(precise)[:, :, None, :, None, :]
+            if reference_points.shape[-1] == 2:
+                pixels_per_unit = torch.tensor([(w, h) for h, w in shapes], dtype=precise,
+                                               device=query.device)
+                locations = reference_points + offsets / pixels_per_unit[:, None, :]
+            else:  # boxes: the operations in mmcv's order, so the locations round as theirs do
+                locations = (reference_points[..., :2]
+                             + offsets / num_points * reference_points[..., 2:] * 0.5)
             sampled = ms_deform_attn(value, shapes, locations, weights)
         return self.output_proj(sampled)
 
@@ -408,11 +420,11 @@ class MSDeformAttn(nn.Module):
                 f"value_input has S={value_input.shape[1]} tokens but spatial_shapes {list(shapes)} "
                 f"cover sum(H*W)={num_tokens}")
         ref = reference_points.shape
-        if (reference_points.dim() not in (3, 4) or ref[0] not in (1, n) or ref[1] != lq or ref[-1] != 2
-                or (reference_points.dim() == 4 and ref[2] not in (1, self.n_levels))):
+        if (reference_points.dim() not in (3, 4) or ref[0] not in (1, n) or ref[1] != lq
+                or ref[-1] not in (2, 4) or (reference_points.dim() == 4 and ref[2] not in (1, self.n_levels))):
             raise ValueError(
-                f"reference_points must have shape (N or 1, Lq={lq}, L={self.n_levels}, 2) or "
-                f"(N or 1, Lq={lq}, 2), got {tuple(ref)}")
+                f"reference_points must have shape (N or 1, Lq={lq}, L={self.n_levels}, 2 or 4) or "
+                f"(N or 1, Lq={lq}, 2 or 4), got {tuple(ref)}")
         if (input_padding_mask is not None
                 and tuple(input_padding_mask.shape) != tuple(value_input.shape[:2])):
             raise ValueError(

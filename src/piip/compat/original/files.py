@@ -164,12 +164,14 @@ def convert_checkpoint(src_path: str | os.PathLike, config: str | os.PathLike | 
             matches the checkpoint.
         out_path: the ``.safetensors`` file to write (:func:`piip.weights.save_checkpoint`). An
             MMDetection Mask/Faster R-CNN file becomes a complete detector (backbone, FPN, RPN and
-            RoI heads mapped onto torchvision's modules, see :mod:`piip.tasks.detection.authors_heads`;
-            COCO's 80 class names and ids when it has 80 classes); an MMSegmentation UperNet file a
-            complete segmenter (see :mod:`piip.tasks.segmentation.authors_heads`; ADE20K's class
-            names when it has 150 classes): each task recognises and converts its own heads;
-            other neck/head tensors (DINO's) are kept under their own prefixes next to the
-            backbone. The model config is also written next to it as ``<out>.json``.
+            RoI heads mapped onto torchvision's modules, see :mod:`piip.tasks.detection.authors_heads`),
+            an MMDetection DINO file a complete DINO detector (neck and head renamed onto piip's
+            DINO, see :mod:`piip.tasks.detection.authors_dino_heads`), both with COCO's 80 class
+            names and ids when they have 80 classes; an MMSegmentation UperNet file a complete
+            segmenter (see :mod:`piip.tasks.segmentation.authors_heads`; ADE20K's class names when
+            it has 150 classes): each task recognises and converts its own heads; other neck/head
+            tensors are kept under their own prefixes next to the backbone. The model config is
+            also written next to it as ``<out>.json``.
         task: ``"det"``, ``"seg"`` or ``"cls"``; inferred from the checkpoint's heads, the config
             or the backbone tensors when omitted.
         use_ema: convert a classification checkpoint's EMA weights.

@@ -1,5 +1,7 @@
-"""The authors' MMDetection 2.x Mask R-CNN necks and heads -> torchvision's modules in a
-:class:`~piip.tasks.detection.PIIPDetector`, tensor by tensor.
+"""The authors' MMDetection 2.x detectors as piip detectors: their Mask R-CNN necks and heads ->
+torchvision's modules in a :class:`~piip.tasks.detection.PIIPDetector`, tensor by tensor (below);
+their DINO neck and head -> piip's DINO (:mod:`.authors_dino_heads`). :func:`has_authors_heads`
+recognises either and :func:`with_authors_heads` builds the detector it describes.
 
 ============================================  =====================================================
 MMDetection key (``<module>.<weight|bias>``)   piip detector key, and what changes
@@ -28,8 +30,8 @@ MMDetection key (``<module>.<weight|bias>``)   piip detector key, and what chang
                                               map prepended)
 ============================================  =====================================================
 
-A class-agnostic box regressor (``reg_class_agnostic=True``) or other head types (DINO's
-``bbox_head``) are refused with the key that shows it.
+A class-agnostic box regressor (``reg_class_agnostic=True``) or other head types are refused with the
+key that shows it.
 """
 from __future__ import annotations
 
@@ -43,9 +45,11 @@ import torch
 from ...data.coco import COCO_CATEGORIES
 from ...models.piip import PIIP
 from ...weights.checkpoint import CheckpointError, check_state_dict
+from .authors_dino_heads import DINO_HEAD_PREFIXES, convert_dino_heads, dino_layout, has_dino_heads
 from .model import build_detector
 
-__all__ = ["HEAD_PREFIXES", "has_mask_rcnn_heads", "mask_rcnn_layout", "convert_mmdet_heads", "with_authors_heads"]
+__all__ = ["HEAD_PREFIXES", "has_mask_rcnn_heads", "mask_rcnn_layout", "convert_mmdet_heads", "has_authors_heads",
+           "with_authors_heads"]
 
 HEAD_PREFIXES = ("neck", "rpn_head", "roi_head")
 
@@ -131,16 +135,29 @@ def convert_mmdet_heads(extra: Mapping[str, Mapping[str, torch.Tensor]]) -> tupl
     return out, names
 
 
+def has_authors_heads(extra: Mapping[str, Mapping[str, torch.Tensor]]) -> bool:
+    """Whether an MMDetection checkpoint's non-backbone tensors hold a Mask/Faster R-CNN's or a DINO's
+    neck and heads."""
+    return has_mask_rcnn_heads(extra) or has_dino_heads(extra)
+
+
 def with_authors_heads(backbone: PIIP, converted: dict[str, torch.Tensor], extra: dict, settings: Mapping[str, Any]):
-    """A complete detector from a converted backbone and MMDetection's neck and heads."""
-    layout = mask_rcnn_layout(extra)
+    """A complete detector from a converted backbone and MMDetection's neck and heads: a Mask/Faster
+    R-CNN, or a DINO (``kind="dino"``)."""
+    if has_mask_rcnn_heads(extra):
+        layout: dict[str, Any] = mask_rcnn_layout(extra)
+        heads, sources = convert_mmdet_heads(extra)
+        prefixes = HEAD_PREFIXES
+    else:
+        layout = dict(kind="dino", **dino_layout(extra))
+        heads, sources = convert_dino_heads(extra)
+        prefixes = DINO_HEAD_PREFIXES
     names: dict[str, Any] = {}
     if layout["num_classes"] == len(COCO_CATEGORIES):
         names = dict(class_names=tuple(n for _, n in COCO_CATEGORIES), category_ids=tuple(i for i, _ in COCO_CATEGORIES))
     detector = build_detector(backbone, **{**layout, **names, **settings})
-    heads, sources = convert_mmdet_heads(extra)
     state = {f"backbone.body.{k}": v for k, v in converted.items()} | heads
     check_state_dict(state, detector, what="converted detector checkpoint", names=sources)
     detector.load_state_dict(state, strict=True)
-    rest = {prefix: tensors for prefix, tensors in extra.items() if prefix not in HEAD_PREFIXES}
+    rest = {prefix: tensors for prefix, tensors in extra.items() if prefix not in prefixes}
     return detector.eval(), rest, len(state)

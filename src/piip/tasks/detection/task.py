@@ -26,7 +26,7 @@ _DERIVED = ("backbone", "num_classes", "class_names", "category_ids")
 class DetectionTask(BaseTask, name="det", data_config=DetectionDataConfig, metric="bbox_AP", model_kind="detector",
                     model_config=DetectorConfig, model_from_config=build_detector_from_config,
                     evaluate_checkpoint=evaluate_checkpoint, cli=cli, inference=inference,
-                    authors_heads=(authors_heads.has_mask_rcnn_heads, authors_heads.with_authors_heads)):
+                    authors_heads=(authors_heads.has_authors_heads, authors_heads.with_authors_heads)):
     """Object detection / instance segmentation: ``model.head.kind`` ``mask_rcnn`` (default; Faster
     R-CNN with ``masks: false``), ``cascade_mask_rcnn`` or ``dino`` (boxes only)."""
 
