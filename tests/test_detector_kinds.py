@@ -25,6 +25,24 @@ def test_every_kind_is_registered_with_its_defaults():
     assert again == resolved["dino"] and again.to_dict()["detections_per_img"] == 300
 
 
+def test_every_kind_builds_on_every_registered_dense_backbone():
+    """Each kind around each registered variant's dense backbone (on the meta device: the 6B ones
+    too), its neck reading the backbone's width."""
+    import torch
+
+    from piip.models.piip import PIIP
+    from piip.models.registry import get_config, list_models
+
+    for name in list_models():
+        backbone = get_config(name, task="det")
+        with torch.device("meta"):
+            body = PIIP(backbone)
+            for kind, registered in DETECTOR_KINDS.items():
+                detector = registered.assemble(DetectorConfig(backbone=backbone, num_classes=80, kind=kind), body)
+                neck = detector.backbone.neck.convs[0][0] if kind == "dino" else detector.backbone.fpn.inner_blocks[0][0]
+                assert neck.in_channels == body.out_channels, (name, kind)
+
+
 def test_a_kind_refuses_what_it_cannot_build():
     backbone = tiny_config(task="det")
     with pytest.raises(ValueError, match="dino detector has no mask head"):

@@ -64,8 +64,8 @@ from torchvision.ops import clip_boxes_to_image, generalized_box_iou_loss
 
 from ...models.piip import PIIP
 from ...precision import autocast_dtype
-from .mask_rcnn import init_like_mmdet, mmdet_rpn, mmdet_transform
-from .model import DetectorBackbone, DetectorConfig, PIIPDetector
+from .mask_rcnn import init_like_mmdet, mmdet_rpn
+from .model import DetectorBackbone, DetectorConfig, PIIPDetector, input_transform
 from .rcnn_parts import AlignedMultiScaleRoIAlign, MMDetRoIHeads
 
 __all__ = ["assemble_cascade_mask_rcnn", "CascadeRoIHeads", "MMDetBoxCoder", "refine_training_rois",
@@ -253,4 +253,4 @@ def assemble_cascade_mask_rcnn(config: DetectorConfig, body: PIIP) -> PIIPDetect
         stages.append(stage)
     fcs = [m for stage in stages for m in stage.box_head.modules() if isinstance(m, nn.Linear)]
     init_like_mmdet([*backbone.fpn.modules(), *fcs], [stage.box_predictor for stage in stages])
-    return PIIPDetector(config, backbone, rpn, CascadeRoIHeads(stages), mmdet_transform(config))
+    return PIIPDetector(config, backbone, rpn, CascadeRoIHeads(stages), input_transform(config))

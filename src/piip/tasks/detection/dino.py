@@ -42,7 +42,7 @@ from ...precision import autocast, autocast_dtype
 from .detr_parts import (ChannelMapper, DenoisingMeta, DenoisingQueries, box_sine_embedding, denoising_losses,
                          denoising_queries, encoder_proposals, encoder_reference_points, inverse_sigmoid,
                          padding_masks, set_prediction_losses, sine_positional_encoding, valid_ratios)
-from .model import Detector, DetectorConfig, detect_in_size_groups
+from .model import Detector, DetectorConfig, detect_in_size_groups, input_transform
 from .rcnn_parts import MMDetTransform
 
 __all__ = ["assemble_dino", "DINODetector", "DINOOutputs", "DINOBackbone", "DINOTransformer", "DINOHead",
@@ -450,7 +450,4 @@ def assemble_dino(config: DetectorConfig, body: PIIP) -> DINODetector:
     transformer = DINOTransformer(width, config.num_queries, config.encoder_layers, config.decoder_layers,
                                   config.transformer_ffn_dim)
     head = DINOHead(config.num_classes, width, config.decoder_layers)
-    min_size, max_size, divisible = config.resize
-    transform = MMDetTransform(min_size, max_size, list(config.image_mean), list(config.image_std),
-                               size_divisible=divisible, _skip_resize=not config.resize_in_training)
-    return DINODetector(config, backbone, transformer, head, transform)
+    return DINODetector(config, backbone, transformer, head, input_transform(config))

@@ -1,7 +1,7 @@
 """The ``"mask_rcnn"`` detector kind: torchvision's Mask R-CNN / Faster R-CNN parts with MMDetection's
 rules (:mod:`.rcnn_parts`), set up and initialised as the authors' MMDetection 2.x configs
-(the settings are listed in :mod:`.model`). The RPN, the input transform and the initialisation
-rules are shared with the other R-CNN kind (:mod:`.cascade`)."""
+(the settings are listed in :mod:`.model`). The RPN and the initialisation rules are shared with
+the other R-CNN kind (:mod:`.cascade`), the input transform with every kind (:func:`.model.input_transform`)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -14,8 +14,8 @@ from torchvision.models.detection.rpn import RPNHead
 
 from ...models.piip import PIIP
 from ...precision import autocast_dtype
-from .model import DetectorBackbone, DetectorConfig, PIIPDetector
-from .rcnn_parts import (AlignedMultiScaleRoIAlign, MMDetRegionProposalNetwork, MMDetRoIHeads, MMDetTransform,
+from .model import DetectorBackbone, DetectorConfig, PIIPDetector, input_transform
+from .rcnn_parts import (AlignedMultiScaleRoIAlign, MMDetRegionProposalNetwork, MMDetRoIHeads,
                          PyramidAnchorGenerator)
 
 __all__ = ["assemble_mask_rcnn"]
@@ -49,13 +49,6 @@ def mmdet_rpn(config: DetectorConfig, channels: int) -> MMDetRegionProposalNetwo
                                       nms_thresh=0.7, box_loss=config.box_loss)
 
 
-def mmdet_transform(config: DetectorConfig) -> MMDetTransform:
-    """The input transform: keep-ratio resize, normalisation and padding as ``config`` sets them."""
-    min_size, max_size, divisible = config.resize
-    return MMDetTransform(min_size, max_size, list(config.image_mean), list(config.image_std),
-                          size_divisible=divisible, _skip_resize=not config.resize_in_training)
-
-
 def assemble_mask_rcnn(config: DetectorConfig, body: PIIP) -> PIIPDetector:
     """Mask R-CNN (or Faster R-CNN without ``config.masks``) around ``body`` as the authors' MMDetection
     2.x configs set it up (see :mod:`.model`)."""
@@ -78,4 +71,4 @@ def assemble_mask_rcnn(config: DetectorConfig, body: PIIP) -> PIIPDetector:
                               batch_size_per_image=config.box_batch_size_per_image, positive_fraction=0.25,
                               bbox_reg_weights=None, score_thresh=config.score_thresh, nms_thresh=config.nms_thresh,
                               detections_per_img=config.detections_per_img, box_loss=config.box_loss, **mask_parts)
-    return PIIPDetector(config, backbone, rpn, roi_heads, mmdet_transform(config))
+    return PIIPDetector(config, backbone, rpn, roi_heads, input_transform(config))

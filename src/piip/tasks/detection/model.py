@@ -1,9 +1,10 @@
-"""Mask R-CNN / Faster R-CNN on any dense piip backbone, composed from torchvision's parts.
+"""Detectors on any dense piip backbone: what every kind shares, and the default kind's settings.
 
-``build_detector(backbone, num_classes)`` injects a dense :class:`~piip.models.piip.PIIP` (a PIIP
-variant or a single-branch ViTDet baseline: ``task="det"``, maps at strides 4/8/16/32) into
-torchvision's detector, set up as the authors' MMDetection 2.x Mask R-CNN wherever it moves
-accuracy (reference §8.1):
+``build_detector(backbone, num_classes, kind=...)`` injects a dense :class:`~piip.models.piip.PIIP`
+(a PIIP variant or a single-branch ViTDet baseline: ``task="det"``, maps at strides 4/8/16/32) into
+a detector of a registered kind (:data:`DETECTOR_KINDS`: ``"mask_rcnn"``, ``"cascade_mask_rcnn"``,
+``"dino"``). The default, Mask R-CNN / Faster R-CNN, is torchvision's detector set up as the
+authors' MMDetection 2.x Mask R-CNN wherever it moves accuracy (reference §8.1):
 
 * neck: ``torchvision.ops.FeaturePyramidNetwork`` 256 wide + ``LastLevelMaxPool`` (MMDetection's
   ``FPN(num_outs=5)``: stride 64 by max-pooling the stride-32 output);
@@ -49,7 +50,7 @@ from ...precision import autocast, autocast_dtype
 from ...ops import use_onednn_linears
 from .rcnn_parts import BOX_LOSSES, MMDetRegionProposalNetwork, MMDetTransform
 
-__all__ = ["DetectorConfig", "Detector", "detect_in_size_groups", "PIIPDetector", "DetectorBackbone", "build_detector",
+__all__ = ["DetectorConfig", "Detector", "detect_in_size_groups", "input_transform", "PIIPDetector", "DetectorBackbone", "build_detector",
            "build_detector_from_config", "DetectorKind", "DETECTOR_KINDS", "register_detector_kind"]
 
 @dataclass(frozen=True)
@@ -196,6 +197,14 @@ class DetectorBackbone(nn.Module):
             features = self.body(images)
         with torch.autocast(images.device.type, enabled=False):
             return self.fpn(OrderedDict((k, v.float()) for k, v in features.items()))
+
+
+def input_transform(config: DetectorConfig) -> MMDetTransform:
+    """Every kind's input transform: keep-ratio resize, normalisation and padding as ``config`` sets
+    them (:class:`~.rcnn_parts.MMDetTransform`)."""
+    min_size, max_size, divisible = config.resize
+    return MMDetTransform(min_size, max_size, list(config.image_mean), list(config.image_std),
+                          size_divisible=divisible, _skip_resize=not config.resize_in_training)
 
 
 def detect_in_size_groups(images: list[torch.Tensor], padded_size: Callable[[int, int], tuple[int, int]],
