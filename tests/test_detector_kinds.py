@@ -55,6 +55,15 @@ def test_a_kind_refuses_what_it_cannot_build():
     assert DetectorConfig(backbone=three_levels, num_classes=3, kind="dino").backbone.fpn_levels == (1, 2, 3)
     with pytest.raises(ValueError, match="num_queries must be >= 1"):
         DetectorConfig(backbone=backbone, num_classes=3, kind="dino", num_queries=0)
+    # 900 queries cannot be chosen from the 85 tokens of a 64 x 64 image (the authors' code fails in topk)
+    import torch
+
+    from piip.tasks.detection import build_detector
+
+    dino = build_detector(piip.PIIP(backbone), 3, kind="dino", encoder_layers=1, decoder_layers=1,
+                          min_size=64, max_size=64, size_divisible=32).eval()
+    with pytest.raises(ValueError, match=r"85 encoder tokens, fewer than the 900 queries.*model.head.num_queries"):
+        dino([torch.rand(3, 64, 64)])
 
 
 def test_a_checkpoint_config_from_before_the_kinds_is_a_mask_rcnn():

@@ -39,14 +39,24 @@ def test_tree_crowns_are_a_coco_set_of_mixed_orientation(trees):
     assert "MIT" in (trees / "deepforest-LICENSE").read_text()
 
 
-def test_train_evaluate_predict_on_real_tree_crowns(trees, tmp_path, capsys):
-    """A few steps of a small detector on the crowns (box-only data: found and said before training),
-    COCO box AP on the held-apart crops, and drawn predictions."""
+@pytest.mark.parametrize("kind", ["mask_rcnn", "cascade_mask_rcnn", "dino"])
+def test_train_evaluate_predict_on_real_tree_crowns(kind, trees, tmp_path, capsys):
+    """A few steps of a small detector of each kind on the crowns (box-only data: found and said
+    before training by the kinds with a mask head), COCO box AP on the held-apart crops, and drawn
+    predictions."""
     from piip.cli import main
+    from test_detector_kinds import KIND_HEADS
 
     cfg = det_config(tmp_path / "det.json", trees, tmp_path / "run", epochs=2, batch_size=2)
-    with pytest.warns(UserWarning, match="boxes but no instance masks"):
+    if kind != "mask_rcnn":
+        config = json.loads(cfg.read_text())
+        config["model"]["head"] = KIND_HEADS[kind]
+        cfg.write_text(json.dumps(config))
+    if kind == "dino":  # no mask head: nothing to say
         assert main(["train", "det", str(cfg), "--json"]) == 0
+    else:
+        with pytest.warns(UserWarning, match="boxes but no instance masks"):
+            assert main(["train", "det", str(cfg), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["step"] == 6 and summary["eval"]["num_images"] == 4
     assert 0.0 <= summary["eval"]["bbox_AP50"] <= 100.0 and "segm_AP" not in summary["eval"]

@@ -230,7 +230,8 @@ class DINOTransformer(nn.Module):
         memory = self.encoder(x, pos, encoder_reference_points(shapes, ratios), shapes, padding)
         if memory.shape[1] < self.num_queries:
             raise ValueError(f"the images give {memory.shape[1]} encoder tokens, fewer than the "
-                             f"{self.num_queries} queries to select from them: use larger images or fewer queries")
+                             f"{self.num_queries} queries to select from them: use larger images or fewer queries "
+                             "(DetectorConfig.num_queries; model.head.num_queries in a run)")
 
         # two-stage selection: padded and unusable tokens are zeroed, not excluded, so they can
         # still be chosen (a quirk of the authors' code: their constant logit competes, their box
