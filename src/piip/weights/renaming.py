@@ -1,4 +1,6 @@
-"""Bringing the key names of a pretrained ViT file to timm's, the names a branch uses.
+"""Key names: a pretrained ViT file's brought to timm's, the names a branch uses
+(:func:`normalise_keys`), and the authors' task-head tensors renamed by a table of patterns
+(:func:`flatten_prefixed`, :func:`rename_keys`).
 
 timm names are native. The other layouts the paper's weights come in are renamed: DeiT-III's
 ``gamma_1``/``gamma_2`` become ``ls1.gamma``/``ls2.gamma``; Hugging Face InternViT names
@@ -10,10 +12,14 @@ holding several ViTs is refused instead of silently mixed.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from .errors import CheckpointError
 from .reports import BranchWeightsError
+
+__all__ = ["normalise_keys", "flatten_prefixed", "rename_keys"]
 
 # Keys every ViT has exactly once (timm's and Hugging Face InternViT's names): what stands before
 # them is the wrapper prefix.
@@ -50,3 +56,37 @@ def normalise_keys(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
         sd = {re.sub(r"^(blocks\.\d+)\.gamma_([12])$", r"\1.ls\2.gamma", k): v for k, v in sd.items()}
         notes.append("renamed gamma_1/gamma_2 to ls1.gamma/ls2.gamma")
     return sd, notes, outside
+
+
+def flatten_prefixed(extra: Mapping[str, Mapping[str, torch.Tensor]], prefixes: Sequence[str]) -> dict[str, torch.Tensor]:
+    """A checkpoint's non-backbone tensors grouped by prefix (``{"neck": {"convs.0.weight": ...}}``)
+    as one dict of full keys (``"neck.convs.0.weight"``), for the ``prefixes`` given."""
+    return {f"{prefix}.{key}": tensor for prefix in prefixes for key, tensor in extra.get(prefix, {}).items()}
+
+
+def rename_keys(tensors: Mapping[str, torch.Tensor],
+                renames: Sequence[tuple[re.Pattern, str | Callable[[re.Match], str]]],
+                what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every key renamed by the first pattern of ``renames`` that matches all of it, the new name
+    the pattern's template (``\\1`` groups) or a function of the match; values unchanged.
+
+    Returns ``(tensors, names)``: ``names`` maps each new key to the key it came from (for error
+    messages). Keys no pattern matches raise :class:`CheckpointError` listing them ("have no place
+    in ``what``").
+    """
+    out: dict[str, torch.Tensor] = {}
+    names: dict[str, str] = {}
+    unmapped = []
+    for key, tensor in tensors.items():
+        for pattern, target in renames:
+            if (match := pattern.fullmatch(key)):
+                new = match.expand(target) if isinstance(target, str) else target(match)
+                break
+        else:
+            unmapped.append(key)
+            continue
+        out[new] = tensor
+        names[new] = key
+    if unmapped:
+        raise CheckpointError(f"{len(unmapped)} neck/head tensor(s) have no place in {what}: {unmapped[:10]}")
+    return out, names

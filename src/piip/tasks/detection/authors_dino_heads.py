@@ -57,6 +57,7 @@ from collections.abc import Mapping
 import torch
 
 from ...weights.checkpoint import CheckpointError
+from ...weights.renaming import flatten_prefixed, rename_keys
 
 __all__ = ["DINO_HEAD_PREFIXES", "has_dino_heads", "dino_layout", "convert_dino_heads"]
 
@@ -102,7 +103,7 @@ _RENAMES = (
 
 
 def _flat(extra: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{key}": tensor for prefix in DINO_HEAD_PREFIXES for key, tensor in extra.get(prefix, {}).items()}
+    return flatten_prefixed(extra, DINO_HEAD_PREFIXES)
 
 
 def has_dino_heads(extra: Mapping[str, Mapping[str, torch.Tensor]]) -> bool:
@@ -188,19 +189,4 @@ def convert_dino_heads(extra: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple
     from (for error messages). Keys that have no place in piip's DINO raise
     :class:`CheckpointError` listing them.
     """
-    out: dict[str, torch.Tensor] = {}
-    names: dict[str, str] = {}
-    unmapped = []
-    for key, tensor in _flat(extra).items():
-        for pattern, target in _RENAMES:
-            if (m := pattern.fullmatch(key)):
-                new = m.expand(target) if isinstance(target, str) else target(m)
-                break
-        else:
-            unmapped.append(key)
-            continue
-        out[new] = tensor
-        names[new] = key
-    if unmapped:
-        raise CheckpointError(f"{len(unmapped)} neck/head tensor(s) have no place in piip's DINO: {unmapped[:10]}")
-    return out, names
+    return rename_keys(_flat(extra), _RENAMES, "piip's DINO")

@@ -45,6 +45,7 @@ import torch
 from ...data.coco import COCO_CATEGORIES
 from ...models.piip import PIIP
 from ...weights.checkpoint import CheckpointError, check_state_dict
+from ...weights.renaming import flatten_prefixed, rename_keys
 from .authors_dino_heads import DINO_HEAD_PREFIXES, convert_dino_heads, dino_layout, has_dino_heads
 from .model import build_detector
 
@@ -70,7 +71,7 @@ _RENAMES = (
 
 
 def _flat(extra: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{key}": tensor for prefix in HEAD_PREFIXES for key, tensor in extra.get(prefix, {}).items()}
+    return flatten_prefixed(extra, HEAD_PREFIXES)
 
 
 def has_mask_rcnn_heads(extra: Mapping[str, Mapping[str, torch.Tensor]]) -> bool:
@@ -110,29 +111,20 @@ def convert_mmdet_heads(extra: Mapping[str, Mapping[str, torch.Tensor]]) -> tupl
     from (for error messages). Keys that have no place in a torchvision Mask R-CNN raise
     :class:`CheckpointError` listing them.
     """
-    out: dict[str, torch.Tensor] = {}
-    names: dict[str, str] = {}
-    unmapped = []
-    for key, tensor in _flat(extra).items():
-        for pattern, target in _RENAMES:
-            if pattern.fullmatch(key):
-                new = pattern.sub(target, key)
-                break
-        else:
-            unmapped.append(key)
-            continue
-        if new.startswith("roi_heads.box_predictor.cls_score."):
-            tensor = torch.cat([tensor[-1:], tensor[:-1]])          # background last -> first
-        elif new.startswith("roi_heads.box_predictor.bbox_pred."):
-            tensor = torch.cat([tensor.new_zeros((4, *tensor.shape[1:])), tensor])
-        elif new.startswith("roi_heads.mask_predictor.mask_fcn_logits."):
-            tensor = torch.cat([tensor.new_zeros((1, *tensor.shape[1:])), tensor])
-        out[new] = tensor
-        names[new] = key
-    if unmapped:
-        raise CheckpointError(f"{len(unmapped)} neck/head tensor(s) have no place in a torchvision Mask R-CNN: "
-                              f"{unmapped[:10]}")
-    return out, names
+    renamed, names = rename_keys(_flat(extra), _RENAMES, "a torchvision Mask R-CNN")
+    return {new: _torchvision_layout(new, tensor) for new, tensor in renamed.items()}, names
+
+
+def _torchvision_layout(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """An MMDetection head tensor in torchvision's layout: the background class first in the
+    classifier (MMDetection's is last), a background box block and mask map prepended."""
+    if key.startswith("roi_heads.box_predictor.cls_score."):
+        return torch.cat([tensor[-1:], tensor[:-1]])          # background last -> first
+    if key.startswith("roi_heads.box_predictor.bbox_pred."):
+        return torch.cat([tensor.new_zeros((4, *tensor.shape[1:])), tensor])
+    if key.startswith("roi_heads.mask_predictor.mask_fcn_logits."):
+        return torch.cat([tensor.new_zeros((1, *tensor.shape[1:])), tensor])
+    return tensor
 
 
 def has_authors_heads(extra: Mapping[str, Mapping[str, torch.Tensor]]) -> bool:

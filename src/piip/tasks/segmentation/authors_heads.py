@@ -34,6 +34,7 @@ import torch
 from ...data.semseg import ADE20K_CLASSES
 from ...models.piip import PIIP
 from ...weights.checkpoint import CheckpointError, check_state_dict
+from ...weights.renaming import flatten_prefixed
 from .model import build_segmenter
 
 __all__ = ["SEG_HEAD_PREFIXES", "has_upernet_heads", "upernet_layout", "convert_mmseg_heads", "with_authors_heads"]
@@ -48,7 +49,7 @@ _KEYS = re.compile(
 
 
 def _flat(extra: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{key}": tensor for prefix in SEG_HEAD_PREFIXES for key, tensor in extra.get(prefix, {}).items()}
+    return flatten_prefixed(extra, SEG_HEAD_PREFIXES)
 
 
 def has_upernet_heads(extra: Mapping[str, Mapping[str, torch.Tensor]]) -> bool:
