@@ -52,19 +52,17 @@ cascade_mask_rcnn_r50_fpn.py``; MMDet: the MMDetection 2.x class named):
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import clip_boxes_to_image, generalized_box_iou_loss
 
 from ...models.piip import PIIP
 from ...precision import autocast_dtype
-from .mask_rcnn import init_like_mmdet, mmdet_rpn
+from .mask_rcnn import init_like_mmdet, mask_head_parts, mmdet_rpn
 from .model import DetectorBackbone, DetectorConfig, PIIPDetector, input_transform
 from .rcnn_parts import AlignedMultiScaleRoIAlign, MMDetRoIHeads
 
@@ -234,12 +232,7 @@ def assemble_cascade_mask_rcnn(config: DetectorConfig, body: PIIP) -> PIIPDetect
     levels = ["0", "1", "2", "3"]
     stages = []
     for iou, stds in zip(STAGE_IOUS, STAGE_STDS):
-        mask_parts: dict[str, Any] = {}
-        if config.masks:
-            width = config.mask_head_dim
-            mask_parts = dict(mask_roi_pool=AlignedMultiScaleRoIAlign(levels, 14, sampling_ratio=0),
-                              mask_head=MaskRCNNHeads(channels, (width,) * 4, 1),
-                              mask_predictor=MaskRCNNPredictor(width, width, config.num_classes + 1))
+        mask_parts = mask_head_parts(config, levels)
         box_head = FastRCNNConvFCHead((channels, 7, 7), [channels] * 4, [config.box_head_dim],
                                       norm_layer=nn.BatchNorm2d)
         box_predictor = FastRCNNPredictor(config.box_head_dim, config.num_classes + 1)

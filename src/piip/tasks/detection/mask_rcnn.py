@@ -49,6 +49,18 @@ def mmdet_rpn(config: DetectorConfig, channels: int) -> MMDetRegionProposalNetwo
                                       nms_thresh=0.7, box_loss=config.box_loss)
 
 
+def mask_head_parts(config: DetectorConfig, levels: list[str]) -> dict[str, Any]:
+    """The mask RoI pooler, head and predictor of an R-CNN stage (MMDetection's ``FCNMaskHead``: four
+    3x3 convs ``config.mask_head_dim`` wide, a 2x deconvolution, class-specific 28x28 logits on 14x14
+    aligned RoIAlign), as ``RoIHeads`` keyword arguments; none without ``config.masks``."""
+    if not config.masks:
+        return {}
+    width = config.mask_head_dim
+    return dict(mask_roi_pool=AlignedMultiScaleRoIAlign(levels, 14, sampling_ratio=0),
+                mask_head=MaskRCNNHeads(config.fpn_channels, (width,) * 4, 1),
+                mask_predictor=MaskRCNNPredictor(width, width, config.num_classes + 1))
+
+
 def assemble_mask_rcnn(config: DetectorConfig, body: PIIP) -> PIIPDetector:
     """Mask R-CNN (or Faster R-CNN without ``config.masks``) around ``body`` as the authors' MMDetection
     2.x configs set it up (see :mod:`.model`)."""
@@ -57,12 +69,7 @@ def assemble_mask_rcnn(config: DetectorConfig, body: PIIP) -> PIIPDetector:
     rpn = mmdet_rpn(config, channels)
     levels = ["0", "1", "2", "3"]
     box_pool = AlignedMultiScaleRoIAlign(levels, 7, sampling_ratio=0)
-    mask_parts: dict[str, Any] = {}
-    if config.masks:
-        width = config.mask_head_dim
-        mask_parts = dict(mask_roi_pool=AlignedMultiScaleRoIAlign(levels, 14, sampling_ratio=0),
-                          mask_head=MaskRCNNHeads(channels, (width,) * 4, 1),
-                          mask_predictor=MaskRCNNPredictor(width, width, config.num_classes + 1))
+    mask_parts = mask_head_parts(config, levels)
     box_head = TwoMLPHead(channels * 7 * 7, config.box_head_dim)
     box_predictor = FastRCNNPredictor(config.box_head_dim, config.num_classes + 1)
     init_like_mmdet([*backbone.fpn.modules(), box_head.fc6, box_head.fc7], [box_predictor])
