@@ -414,17 +414,17 @@ def test_short_training_on_generated_scenes_loss_decreases(tmp_path):
 
 
 
-def test_two_process_ddp_detector_step_equals_one_process(tmp_path):
-    """Identical images and every anchor/proposal sampled (deterministic losses): one optimiser step
-    with 2 processes x 1 image equals 1 process x 2 images."""
+def ddp_and_single_step(tmp_path, head: dict, **optim) -> tuple[dict, dict]:
+    """One optimiser step of a detector with ``head`` settings on two identical images, by 2 processes
+    x 1 image and by 1 process x 2 images (no flips, no evaluation): their training checkpoints."""
     from piip.engine import load_config, train
     from piip.engine.checkpoint import load_training_checkpoint
 
     write_shapes(tmp_path / "data", n_train=2, n_val=1, same=True)
-    head = {**SMALL, "rpn_batch_size_per_image": 10 ** 6, "box_batch_size_per_image": 10 ** 6}
     paths = {}
     for name in ("ddp", "single"):
-        path = det_config(tmp_path / f"{name}.json", tmp_path / "data", tmp_path / name, epochs=1, batch_size=2)
+        path = det_config(tmp_path / f"{name}.json", tmp_path / "data", tmp_path / name, epochs=1, batch_size=2,
+                          **optim)
         config = json.loads(path.read_text())
         config["model"]["head"] = head
         config["data"]["flip_prob"] = 0.0
@@ -435,6 +435,14 @@ def test_two_process_ddp_detector_step_equals_one_process(tmp_path):
     train(load_config(paths["single"]))
     a, b = load_training_checkpoint(tmp_path / "ddp"), load_training_checkpoint(tmp_path / "single")
     assert a["world_size"] == 2 and a["step"] == b["step"] == 1
+    return a, b
+
+
+def test_two_process_ddp_detector_step_equals_one_process(tmp_path):
+    """Identical images and every anchor/proposal sampled (deterministic losses): one optimiser step
+    with 2 processes x 1 image equals 1 process x 2 images."""
+    head = {**SMALL, "rpn_batch_size_per_image": 10 ** 6, "box_batch_size_per_image": 10 ** 6}
+    a, b = ddp_and_single_step(tmp_path, head)
     for key, value in b["model"].items():
         torch.testing.assert_close(a["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
 

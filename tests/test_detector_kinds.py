@@ -196,31 +196,13 @@ def test_two_process_ddp_step_equals_one_process_for_each_kind(kind, tmp_path):
     rounding of a batch of 1 or 2 into gradients ~1e-3 apart (1e-14 in float64: measured, the same
     batch math), hence its 5e-3 tolerance: a wrong normalisation over processes is a factor of 2."""
     import torch
-    import torch.multiprocessing as mp
 
-    from piip.engine import load_config, train
-    from piip.engine.checkpoint import load_training_checkpoint
-    from conftest import free_port, train_config_file
-    from test_detection import det_config, write_shapes
+    from test_detection import ddp_and_single_step
 
-    write_shapes(tmp_path / "data", n_train=2, n_val=1, same=True)
     head = dict(KIND_HEADS[kind])
     head.update(dict(rpn_batch_size_per_image=10 ** 6, box_batch_size_per_image=10 ** 6) if kind != "dino"
                 else dict(dn_queries=0))
-    paths = {}
-    for name in ("ddp", "single"):
-        path = det_config(tmp_path / f"{name}.json", tmp_path / "data", tmp_path / name, epochs=1, batch_size=2)
-        config = json.loads(path.read_text())
-        config["model"]["head"] = head
-        config["data"]["flip_prob"] = 0.0
-        config["run"]["eval_every"] = 0
-        config["optim"]["eps"] = 1e-3
-        path.write_text(json.dumps(config))
-        paths[name] = path
-    mp.spawn(train_config_file, args=(2, free_port(), str(paths["ddp"])), nprocs=2, join=True)
-    train(load_config(paths["single"]))
-    a, b = load_training_checkpoint(tmp_path / "ddp"), load_training_checkpoint(tmp_path / "single")
-    assert a["world_size"] == 2 and a["step"] == b["step"] == 1
+    a, b = ddp_and_single_step(tmp_path, head, eps=1e-3)
     rtol = 5e-3 if kind == "cascade_mask_rcnn" else 1e-4
     for key, value in b["model"].items():
         torch.testing.assert_close(a["model"][key], value, rtol=rtol, atol=1e-5, msg=key)
