@@ -34,7 +34,8 @@ import torch
 
 from .. import precision
 from ..models.factory import create_model
-from ..tasks.detection import DETECTOR_KINDS, build_detector
+from ..tasks.detection import build_detector
+from ..tasks.detection.model import detector_kind
 from .actual_flops import actual_complexity
 
 __all__ = ["BenchResult", "benchmark", "compare", "time_forward"]
@@ -249,8 +250,7 @@ def benchmark(name: str, *, dtype: str = "fp32", batch: int = 1, repeat: int = 3
     if batch < 1 or repeat < 1 or warmup < 0:
         raise ValueError("batch and repeat must be >= 1 and warmup >= 0")
     if detector is not None:
-        if detector not in DETECTOR_KINDS:
-            raise ValueError(f"detector must be one of {sorted(DETECTOR_KINDS)}, got {detector!r}")
+        detector_kind(detector, "detector")
         if overrides.get("task", "det") != "det":
             raise ValueError(f"a detector needs a dense backbone (task 'det'), got task {overrides['task']!r}")
     on_cpu = not device.startswith("cuda")

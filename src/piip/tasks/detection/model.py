@@ -51,7 +51,8 @@ from ...ops import use_onednn_linears
 from .rcnn_parts import BOX_LOSSES, MMDetRegionProposalNetwork, MMDetTransform
 
 __all__ = ["DetectorConfig", "Detector", "detect_in_size_groups", "input_transform", "PIIPDetector", "DetectorBackbone", "build_detector",
-           "build_detector_from_config", "DetectorKind", "DETECTOR_KINDS", "register_detector_kind"]
+           "build_detector_from_config", "DetectorKind", "DETECTOR_KINDS", "detector_kind",
+           "register_detector_kind"]
 
 @dataclass(frozen=True)
 class DetectorConfig(Serializable):
@@ -148,9 +149,7 @@ class DetectorConfig(Serializable):
         if len(self.anchor_sizes) != 5:
             raise ValueError(f"DetectorConfig.anchor_sizes needs one size per pyramid level (5), got "
                              f"{self.anchor_sizes}")
-        if self.kind not in DETECTOR_KINDS:
-            raise ValueError(f"DetectorConfig.kind must be one of {sorted(DETECTOR_KINDS)}, got {self.kind!r}")
-        kind = DETECTOR_KINDS[self.kind]
+        kind = detector_kind(self.kind, "DetectorConfig.kind")
         if self.backbone.fpn_levels not in kind.levels:
             raise ValueError(f"a {self.kind} detector needs the backbone's pyramid levels "
                              f"{' or '.join(map(str, kind.levels))} (fpn_levels), got {self.backbone.fpn_levels}")
@@ -286,6 +285,13 @@ class DetectorKind(NamedTuple):
 DETECTOR_KINDS: dict[str, DetectorKind] = {}
 
 _DEFAULTED = ("masks", "box_loss", "detections_per_img")
+
+
+def detector_kind(name: str, where: str = "kind") -> DetectorKind:
+    """The registered kind ``name``; any other is refused in one line naming ``where``."""
+    if name not in DETECTOR_KINDS:
+        raise ValueError(f"{where} must be one of {sorted(DETECTOR_KINDS)}, got {name!r}")
+    return DETECTOR_KINDS[name]
 
 
 def register_detector_kind(kind: str, assemble: Callable[[DetectorConfig, PIIP], Detector], *, has_masks: bool,

@@ -15,7 +15,7 @@ from ...weights.checkpoint import save_checkpoint
 from ..base import BaseTask, head_settings, optional_validation, whole_model_checkpoint
 from . import authors_heads, cli, inference
 from .evaluation import check_classes, evaluate_checkpoint, evaluate_detector
-from .model import DETECTOR_KINDS, Detector, DetectorConfig, build_detector, build_detector_from_config
+from .model import Detector, DetectorConfig, build_detector, build_detector_from_config, detector_kind
 
 __all__ = ["DetectionTask"]
 
@@ -58,11 +58,9 @@ class DetectionTask(BaseTask, name="det", data_config=DetectionDataConfig, metri
 
     def _wants_masks(self) -> bool:
         """Whether the detector to train learns masks: ``model.head.masks``, else its kind's default."""
-        kind = self.head.get("kind", DetectorConfig.kind)
-        if kind not in DETECTOR_KINDS:
-            raise ValueError(f"model.head.kind must be one of {sorted(DETECTOR_KINDS)}, got {kind!r}")
+        kind = detector_kind(self.head.get("kind", DetectorConfig.kind), "model.head.kind")
         masks = self.head.get("masks")
-        return DETECTOR_KINDS[kind].defaults["masks"] if masks is None else masks
+        return kind.defaults["masks"] if masks is None else masks
 
     def _train_box_only(self, train: CocoDetection) -> None:
         """Training data without a single mask: a box-only detector, decided before the first step
