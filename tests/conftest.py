@@ -38,6 +38,12 @@ def tiny_config(task: str = "det", **kw) -> PIIPConfig:
     return PIIPConfig(branches=branches, interaction=interaction, task=task, **kw)
 
 
+def jsonl_by_image(path) -> dict:
+    """The records of a ``predictions.jsonl`` by their ``image``, parsed here line by line."""
+    import json
+    return {record["image"]: record for record in map(json.loads, open(path).read().splitlines())}
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ from piip.tasks.detection import (AlignedMultiScaleRoIAlign, PIIPDetector, build
                                   detections_to_coco)
 from piip.tasks.detection.rcnn_parts import MMDetRegionProposalNetwork, MMDetRoIHeads
 
-from conftest import free_port, needs_fmnist, tiny_branch, tiny_config, train_config_file
+from conftest import free_port, jsonl_by_image, needs_fmnist, tiny_branch, tiny_config, train_config_file
 
 #: small heads for CPU tests
 SMALL = dict(fpn_channels=32, box_head_dim=64, mask_head_dim=32, anchor_sizes=(16, 32, 64, 128, 256),
@@ -374,7 +374,7 @@ def test_cli_train_eval_predict_detection(tmp_path, capsys):
                  "--out", str(tmp_path / "pred"), "--score-threshold", "0.0"]) == 0
     drawn = sorted(p.name for p in (tmp_path / "pred").glob("*_pred.png"))
     assert drawn == ["0000_pred.png", "0001_pred.png", "0002_pred.png", "0003_pred.png"]
-    preds = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    preds = jsonl_by_image(tmp_path / "pred" / "predictions.jsonl")
     assert len(preds) == 4 and all(set(p) >= {"boxes", "classes", "scores"} for p in preds.values())
     with Image.open(tmp_path / "pred" / "0000_pred.png") as im:
         assert im.size == (128, 160)

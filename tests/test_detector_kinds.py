@@ -11,7 +11,7 @@ from piip.engine.build import build_model_config
 from piip.tasks.detection import DETECTOR_KINDS, DetectorConfig
 from piip.tasks.detection.task import DetectionTask
 
-from conftest import tiny_config
+from conftest import jsonl_by_image, tiny_config
 
 
 def test_every_kind_is_registered_with_its_defaults():
@@ -179,7 +179,7 @@ def test_cli_trains_evaluates_and_predicts_each_kind(kind, tmp_path, capsys):
     assert record["bbox_AP"] == pytest.approx(summary["eval"]["bbox_AP"], abs=1e-9)
     assert main(["predict", str(tmp_path / "data" / "val"), "--checkpoint", str(checkpoint),
                  "--out", str(tmp_path / "pred"), "--score-threshold", "0.0"]) == 0
-    predictions = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    predictions = jsonl_by_image(tmp_path / "pred" / "predictions.jsonl")
     assert len(predictions) == 4 and all(set(p) >= {"boxes", "classes", "scores"} for p in predictions.values())
     assert all(("masks" in p or "mask_pixels" in p) == (kind != "dino") for p in predictions.values())
 

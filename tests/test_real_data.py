@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from conftest import jsonl_by_image
 from test_detection import det_config
 
 pytestmark = pytest.mark.skipif(
@@ -67,6 +68,6 @@ def test_train_evaluate_predict_on_real_tree_crowns(kind, trees, tmp_path, capsy
     assert record["bbox_AP"] == pytest.approx(summary["eval"]["bbox_AP"])  # batch 4 = the run's batch 2
     assert main(["predict", str(trees / "val"), "--checkpoint", str(model), "--out", str(tmp_path / "pred"),
                  "--score-threshold", "0.0"]) == 0
-    predictions = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    predictions = jsonl_by_image(tmp_path / "pred" / "predictions.jsonl")
     assert len(predictions) == 4 and len(list((tmp_path / "pred").glob("*_pred.png"))) == 4
     assert all(set(p["classes"]) <= {"tree"} for p in predictions.values())

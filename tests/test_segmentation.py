@@ -22,7 +22,7 @@ from piip.data.semseg import (DataError, SegmentationDataConfig, SegmentationTra
 from piip.tasks.segmentation import (PIIPSegmenter, area_counts, build_segmenter,
                                      metrics_from_areas, segment, slide_windows)
 
-from conftest import free_port, needs_fmnist, tiny_config, train_config_file
+from conftest import free_port, jsonl_by_image, needs_fmnist, tiny_config, train_config_file
 
 
 def tiny_segmenter(num_classes: int = 4, **settings) -> PIIPSegmenter:
@@ -406,7 +406,7 @@ def test_cli_train_eval_predict_segmentation_on_an_ade20k_folder(tmp_path, capsy
     with Image.open(tmp_path / "pred" / "ADE_0001_labels.png") as im:
         labels = np.asarray(im)
     assert labels.shape == (128, 96) and labels.max() < 4
-    preds = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    preds = jsonl_by_image(tmp_path / "pred" / "predictions.jsonl")
     assert len(preds) == 3
     shares = next(iter(preds.values()))["classes"]
     assert set(shares) <= {"background", "red", "green", "blue"} and sum(shares.values()) == pytest.approx(1, abs=1e-3)

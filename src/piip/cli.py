@@ -200,14 +200,20 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from .tasks.predict import predict_files
 
     result = predict_files(args.checkpoint, args.inputs, args.out, score_threshold=args.score_threshold,
-                           device=args.device)
+                           device=args.device, batch_size=args.batch_size, draw=not args.no_draw,
+                           overwrite=args.overwrite, progress=console.is_terminal and not args.json)
     if args.json:
         print(json.dumps(result["predictions"]))
         return
-    for path, line in result["descriptions"].items():
-        console.print(f"{path}: {line}")
-    console.print(f"wrote {result['json']}" + (f" and {len(result['images'])} drawn images to {args.out}"
-                                               if result["images"] else ""))
+    if len(result["descriptions"]) <= 20:
+        for path, line in result["descriptions"].items():
+            console.print(f"{path}: {line}")
+    rate = f" ({result['images_per_second']:.2f} images/s)" if result["predicted"] else ""
+    console.print(f"predicted {result['predicted']} images{rate}"
+                  + (f", skipped {result['skipped']} already in {result['json']}" if result["skipped"] else "")
+                  + (f", {result['failed']} unreadable (their lines say why)" if result["failed"] else "")
+                  + f"; wrote {result['json']}"
+                  + (f" and {len(result['images'])} drawn images to {args.out}" if result["images"] else ""))
 
 
 def _cmd_data_scenes(args: argparse.Namespace) -> None:
@@ -355,13 +361,20 @@ def _add_eval_and_data(sub) -> None:
 
 def _add_predict_and_train(sub) -> None:
     """`piip` subcommands: predict and train."""
-    p = sub.add_parser("predict", help="run a checkpoint on images: drawn detections / segmentation overlays / "
-                                       "top-5 classes + JSON")
+    p = sub.add_parser("predict", help="run a checkpoint on images or folders: drawn detections / segmentation "
+                                       "overlays / top-5 classes + JSON lines (batched, resumable)")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--checkpoint", required=True, help="a piip detector, segmenter or classifier checkpoint")
     p.add_argument("--score-threshold", type=fraction(low_open=False), default=0.5,
                    help="detections below are not shown")
-    p.add_argument("--out", default="predictions", help="output folder (drawn images, predictions.json)")
+    p.add_argument("--out", default="predictions",
+                   help="output folder (predictions.jsonl, drawn images); a rerun into it skips the images "
+                        "already predicted")
+    p.add_argument("--batch-size", type=POSITIVE, default=4,
+                   help="images run together (a detector: those of one padded size; a segmenter: one at a time)")
+    p.add_argument("--no-draw", action="store_true", help="write predictions.jsonl only (and label maps), no pictures")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an output folder that holds another run's predictions")
     p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--json", action="store_true", help="print the predictions as one JSON object")
     p.set_defaults(func=_cmd_predict)

@@ -95,9 +95,11 @@ class Task(Protocol):
 
     @classmethod
     def save_prediction(cls, model: nn.Module, image: torch.Tensor, prediction: dict[str, Any], out_dir: Any,
-                        stem: str, class_names: Sequence[str] | None) -> tuple[dict[str, Any], list[str]]:
-        """Draw/write one image's prediction into ``out_dir``; returns its JSON record and the files
-        drawn."""
+                        stem: str, class_names: Sequence[str] | None, *, draw: bool = True
+                        ) -> tuple[dict[str, Any], list[str]]:
+        """One image's JSON record, and its files in ``out_dir`` (the pictures only with ``draw``;
+        data that does not fit a JSON line, a segmenter's label map, always); returns the record and
+        the pictures drawn."""
 
     @staticmethod
     def describe_prediction(record: dict[str, Any]) -> str:

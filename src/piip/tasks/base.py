@@ -91,17 +91,17 @@ def head_settings(head: dict[str, Any], config_cls: type, derived: tuple[str, ..
 
 @contextlib.contextmanager
 def evaluation_progress(enabled: bool, total: int, label: str) -> Iterator[Callable[[], None]]:
-    """A rich progress bar over ``total`` batches while the block runs; yields the function that
-    advances it by one (which does nothing when ``enabled`` is false)."""
+    """A rich progress bar over ``total`` items while the block runs; yields the function that
+    advances it (by one, or by its argument; it does nothing when ``enabled`` is false)."""
     if not enabled:
-        yield lambda: None
+        yield lambda steps=1: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   transient=True) as bar:
         task = bar.add_task("", total=total)
-        yield lambda: bar.update(task, advance=1)
+        yield lambda steps=1: bar.update(task, advance=steps)
 
 
 def optional_validation(build: Callable[[], Dataset], explicit: bool) -> Dataset | None:

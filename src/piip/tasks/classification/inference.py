@@ -41,7 +41,7 @@ def predict(model: nn.Module, images: Sequence[torch.Tensor], *, score_threshold
 
 
 def save_prediction(model: nn.Module, image: torch.Tensor, prediction: dict[str, Any], out_dir: Any, stem: str,
-                    class_names: Sequence[str] | None) -> tuple[dict[str, Any], list[str]]:
+                    class_names: Sequence[str] | None, *, draw: bool = True) -> tuple[dict[str, Any], list[str]]:
     """Nothing to draw: the record is the top classes."""
     return prediction, []
 

@@ -20,8 +20,9 @@ def predict(model: nn.Module, images: Sequence[torch.Tensor], *, score_threshold
     for Mask R-CNN, ``masks`` (``(N, H, W)`` bool), above ``score_threshold``."""
     names = class_names or model.config.class_names
     out = []
-    for image in images:
-        det = model([image.to(device)])[0]
+    # one call for the batch: the detector runs images of one padded size together and gives each
+    # the detections it gets alone (detect_in_size_groups)
+    for det in model([image.to(device) for image in images]):
         keep = det["scores"] >= score_threshold
         labels = det["labels"][keep].cpu()
         record = {"boxes": det["boxes"][keep].cpu(), "labels": labels, "scores": det["scores"][keep].cpu(),
@@ -33,16 +34,19 @@ def predict(model: nn.Module, images: Sequence[torch.Tensor], *, score_threshold
 
 
 def save_prediction(model: nn.Module, image: torch.Tensor, prediction: dict[str, Any], out_dir: Path, stem: str,
-                    class_names: Sequence[str] | None) -> tuple[dict[str, Any], list[str]]:
-    """``<stem>_pred.png``: the image with its detections drawn; the record in plain numbers."""
-    target = Path(out_dir) / f"{stem}_pred.png"
-    Image.fromarray(draw_detections(image, prediction).permute(1, 2, 0).numpy()).save(target)
+                    class_names: Sequence[str] | None, *, draw: bool = True) -> tuple[dict[str, Any], list[str]]:
+    """The record in plain numbers; with ``draw`` ``<stem>_pred.png``, the image with its detections."""
+    pictures = []
+    if draw:
+        target = Path(out_dir) / f"{stem}_pred.png"
+        Image.fromarray(draw_detections(image, prediction).permute(1, 2, 0).numpy()).save(target)
+        pictures.append(str(target))
     record = {"boxes": [[round(v, 1) for v in b] for b in prediction["boxes"].tolist()],
               "classes": prediction["classes"], "labels": prediction["labels"].tolist(),
               "scores": [round(s, 4) for s in prediction["scores"].tolist()]}
     if "masks" in prediction:
         record["mask_pixels"] = prediction["masks"].flatten(1).sum(1).tolist()
-    return record, [str(target)]
+    return record, pictures
 
 
 def describe_prediction(record: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -31,16 +32,22 @@ def predict(model: nn.Module, images: Sequence[torch.Tensor], *, score_threshold
 
 
 def save_prediction(model: nn.Module, image: torch.Tensor, prediction: dict[str, Any], out_dir: Path, stem: str,
-                    class_names: Sequence[str] | None) -> tuple[dict[str, Any], list[str]]:
-    """``<stem>_seg.png`` (overlay + legend) and ``<stem>_labels.png`` (the label map, uint8)."""
+                    class_names: Sequence[str] | None, *, draw: bool = True) -> tuple[dict[str, Any], list[str]]:
+    """``<stem>_labels.png`` (the label map: the prediction itself; 8-bit, 16-bit beyond 256 classes)
+    and, with ``draw``, ``<stem>_seg.png`` (overlay + legend)."""
     out_dir = Path(out_dir)
-    target, labels_png = out_dir / f"{stem}_seg.png", out_dir / f"{stem}_labels.png"
-    overlay = overlay_segmentation(image, prediction["labels"])
-    names = list(model.config.class_names or class_names or [str(i) for i in range(model.config.num_classes)])
-    Image.fromarray(torch.cat([overlay, legend_strip(names, overlay.shape[-1])], dim=1)
-                    .permute(1, 2, 0).numpy()).save(target)
-    Image.fromarray(prediction["labels"].to(torch.uint8).numpy()).save(labels_png)
-    return {"classes": prediction["classes"], "labels_png": str(labels_png)}, [str(target)]
+    labels_png = out_dir / f"{stem}_labels.png"
+    labels = prediction["labels"].numpy()
+    Image.fromarray(labels.astype(np.uint8 if model.config.num_classes <= 256 else np.uint16)).save(labels_png)
+    pictures = []
+    if draw:
+        target = out_dir / f"{stem}_seg.png"
+        overlay = overlay_segmentation(image, prediction["labels"])
+        names = list(model.config.class_names or class_names or [str(i) for i in range(model.config.num_classes)])
+        Image.fromarray(torch.cat([overlay, legend_strip(names, overlay.shape[-1])], dim=1)
+                        .permute(1, 2, 0).numpy()).save(target)
+        pictures.append(str(target))
+    return {"classes": prediction["classes"], "labels_png": str(labels_png)}, pictures
 
 
 def describe_prediction(record: dict[str, Any]) -> str:
