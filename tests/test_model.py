@@ -359,17 +359,3 @@ def test_meta_device_build_costs_no_memory():
     assert n > 6e9 and all(p.is_meta for p in model.parameters())
     assert grown_mb < 500, f"meta build grew RSS by {grown_mb:.0f} MiB"
 
-
-def test_forward_intermediates_returns_branch_maps_after_interactions():
-    model = piip.PIIP(tiny_config()).eval()
-    images = torch.randn(1, 3, 128, 128)
-    with torch.no_grad():
-        every = model.forward_intermediates(images)
-        last = model.forward_intermediates(images, indices=[-1])
-        final = model.forward_features(images)
-    assert len(every) == 2 and [tuple(m.shape) for m in every[0]] == [(1, 64, 4, 4), (1, 32, 6, 6), (1, 32, 8, 8)]
-    for a, b in zip(last[0], final):
-        torch.testing.assert_close(a, b)
-    assert not torch.allclose(every[0][2], every[1][2])
-    with pytest.raises(ValueError, match="out of range"):
-        model.forward_intermediates(images, indices=[5])

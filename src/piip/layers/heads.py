@@ -28,14 +28,15 @@ def _conv_gn_relu(in_dim: int, out_dim: int) -> list[nn.Module]:
 
 
 class BranchMerge(nn.Module):
-    """Project every branch to the widest width at its own resolution, upsample, weighted sum.
+    """Project every branch to branch 1's width (the widest, ``width``) at its own resolution,
+    upsample to the finest grid, weighted sum.
 
     Each projection is (conv3x3 -> GroupNorm(32) -> ReLU) x 2; the learnable scalar weights start at 1.
     """
 
     def __init__(self, dims: list[int]):
         super().__init__()
-        width = dims[0]
+        width = self.width = dims[0]
         self.projections = nn.ModuleList(
             nn.Sequential(*_conv_gn_relu(dim, width), *_conv_gn_relu(width, width)) for dim in dims)
         self.weights = nn.Parameter(torch.ones(len(dims)))

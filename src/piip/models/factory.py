@@ -3,13 +3,15 @@ with its weights. Every model piip builds for training or evaluation goes throug
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Mapping, Sequence
+
+from timm.models._features import FeatureGetterNet
 
 from ..config.model import PIIPConfig
 from ..ops import use_onednn_linears
 from ..weights import load_branch_weights
 from ..weights.checkpoint import load_checkpoint
-from .piip import PIIP
+from .piip import PIIP, check_output_fmt
 from .registry import get_config
 
 __all__ = ["create_model", "check_weight_sources"]
@@ -28,8 +30,12 @@ def create_model(
     *,
     branch_weights: Mapping[str | int, str | os.PathLike] | None = None,
     checkpoint: str | os.PathLike | None = None,
+    features_only: bool = False,
+    out_indices: int | Sequence[int] | None = None,
+    output_fmt: str = "NCHW",
+    norm: bool = False,
     **overrides,
-) -> PIIP:
+) -> PIIP | FeatureGetterNet:
     """Build the registered variant ``name`` (or the network a :class:`PIIPConfig` describes).
 
     Args:
@@ -50,6 +56,10 @@ def create_model(
     without allocating it.
     """
     check_weight_sources(pretrained, branch_weights, checkpoint)
+    if features_only:
+        check_output_fmt(output_fmt)
+    elif out_indices is not None or output_fmt != "NCHW" or norm:
+        raise ValueError("out_indices, output_fmt and norm configure features_only=True; pass it too")
     if isinstance(name, PIIPConfig):
         if overrides:
             raise ValueError(f"create_model(config) takes no overrides (got {sorted(overrides)}); "
@@ -62,4 +72,9 @@ def create_model(
         model.pretrained_report = load_branch_weights(model, branch_weights, use_hub=pretrained)
     elif checkpoint is not None:
         load_checkpoint(checkpoint, model)
-    return model
+    if not features_only:
+        return model
+    if norm:
+        model.final_norms()  # the error now rather than at the first forward
+    return FeatureGetterNet(model, out_indices=model.default_feature_indices() if out_indices is None else out_indices,
+                            output_fmt=output_fmt, norm=norm)
