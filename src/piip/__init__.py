@@ -4,8 +4,10 @@ from .models import (PIIP, BranchConfig, InteractionConfig, PIIPConfig, create_m
 
 from .tasks.predict import predict
 from .weights.checkpoint import load_checkpoint as load, save_checkpoint as save
+from .weights.sharing import from_pretrained
+from . import analysis  # noqa: F401  registers the model card writer of save_pretrained
 
 __version__ = "0.1.0"
 
 __all__ = ["PIIP", "PIIPConfig", "BranchConfig", "InteractionConfig", "create_model", "get_config",
-           "list_models", "load", "save", "predict", "__version__"]
+           "list_models", "load", "save", "from_pretrained", "predict", "__version__"]

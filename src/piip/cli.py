@@ -146,6 +146,43 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     console.print(f"load it with: piip.load({summary['output']!r})")
 
 
+def _cmd_share(args: argparse.Namespace) -> None:
+    from .analysis.model_card import card_info_from
+    from .weights.sharing import from_pretrained, parse_repo_id, require_hub, save_pretrained, upload_pretrained
+
+    if args.push:
+        repo, revision = parse_repo_id(args.push)
+        if revision:
+            raise ValueError(f"--push takes a repo id without '@revision', got {args.push!r}")
+        require_hub("push to", repo)  # within seconds, before anything is loaded or written
+    metrics = {}
+    for item in args.metric:
+        name, sep, raw = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--metric {item!r} is not NAME=VALUE")
+        metrics[name.strip()] = read_yaml_value(raw, f"--metric {name.strip()}")
+    info = card_info_from(args.source)
+    if args.recipe:
+        info["recipe"] = args.recipe
+    if metrics:
+        info["metrics"] = {**info.get("metrics", {}), **metrics}
+    with console.status(f"writing {args.out_dir} ..."):
+        model = from_pretrained(args.source)
+        out = save_pretrained(model, args.out_dir, repo_id=args.push, license=args.license, **info)
+    url = None
+    if args.push:
+        with console.status(f"uploading to {args.push} ..."):
+            url = upload_pretrained(out, args.push, private=args.private)
+    if args.json:
+        files = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+        print(json.dumps({"out_dir": str(out), "files": files, "repo_id": args.push, "url": url}))
+        return
+    console.print(f"[green]wrote[/] {out}/model.safetensors, config.json and README.md (the model card)")
+    if url:
+        console.print(f"[green]pushed[/] to {url}")
+    console.print(f"load it with: piip.from_pretrained({(args.push or str(out))!r})")
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from .engine import load_config, train
     from .engine.distributed import cleanup, is_main
@@ -291,7 +328,7 @@ def _add_model_commands(sub) -> None:
 
 
 def _add_convert_and_demo(sub) -> None:
-    """`piip` subcommands: convert the authors' checkpoints; the demonstrations."""
+    """`piip` subcommands: convert the authors' checkpoints; share a model; the demonstrations."""
     p = sub.add_parser("convert", help="convert an authors' PIIP checkpoint to piip's safetensors format")
     p.add_argument("checkpoint", help="their .pth (MMDetection, MMSegmentation, DeepSpeed or classification layout)")
     p.add_argument("--config", required=True,
@@ -305,6 +342,20 @@ def _add_convert_and_demo(sub) -> None:
                         "--head image_mean=[0.485,0.456,0.406]")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("share", help="write a model folder for the Hugging Face hub (model.safetensors, config.json, "
+                                     "README.md model card) and optionally push it")
+    p.add_argument("source", help="a piip checkpoint (.safetensors), a `piip train` run folder (its recipe and "
+                                  "metrics go into the card), a folder written by save_pretrained, or a hub repo id")
+    p.add_argument("out_dir", help="the folder to write")
+    p.add_argument("--recipe", help="how the model was trained, for the card (default: the run folder's)")
+    p.add_argument("--metric", action="append", default=[], metavar="NAME=VALUE",
+                   help="an evaluation result for the card (repeatable), e.g. --metric top1=0.91")
+    p.add_argument("--license", help="the card's licence id (default: the branch weights' licence from timm)")
+    p.add_argument("--push", metavar="REPO_ID", help="also upload the folder to this hub model repo (owner/name)")
+    p.add_argument("--private", action="store_true", help="create the pushed repo private")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_share)
 
     p = sub.add_parser("demo", help="train PIIP and a ViT baseline here: classification (default), "
                                     "detection (piip demo det) or segmentation (piip demo seg) on Fashion-MNIST")

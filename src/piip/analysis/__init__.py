@@ -2,11 +2,13 @@
 
 Two conventions (see :func:`complexity`): ``paper`` counts a config the way the PIIP paper and README
 did (pure arithmetic, no model built; :mod:`piip.analysis.paper_flops`); ``actual`` counts the model
-as built with ``FlopCounterMode`` (:mod:`piip.analysis.actual_flops`).
+as built with ``FlopCounterMode`` (:mod:`piip.analysis.actual_flops`). :mod:`piip.analysis.model_card`
+writes a shared model's card from them (registered with :mod:`piip.weights.sharing`).
 """
 from .actual_flops import ActualComplexity, actual_complexity
 from .complexity import complexity
 from .paper_flops import PaperComplexity, PartComplexity, paper_complexity
+from .model_card import card_info_from, model_card
 
 __all__ = ["ActualComplexity", "PaperComplexity", "PartComplexity", "actual_complexity", "complexity",
-           "paper_complexity"]
+           "paper_complexity", "model_card", "card_info_from"]

@@ -27,6 +27,7 @@ from ..layers.heads import BranchMerge, MergedClassifier, SimpleFeaturePyramid
 from ..layers.interaction import Interaction
 from ..ops import MSDeformAttn
 from ..config.model import PIIPConfig
+from ..weights.sharing import HubMixin
 
 __all__ = ["PIIP", "check_output_fmt"]
 
@@ -54,7 +55,7 @@ def _init_new_module(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-class PIIP(nn.Module):
+class PIIP(nn.Module, HubMixin):
     """Parameter-Inverted Image Pyramid network built from a :class:`PIIPConfig`.
 
     ``forward(images)`` takes ``(B, 3, H, W)`` images at the finest branch's resolution and returns
@@ -64,7 +65,8 @@ class PIIP(nn.Module):
 
     timm's feature-extraction contract: ``feature_info`` (one dict per feature point) and
     :meth:`forward_intermediates`; ``create_model(..., features_only=True)`` wraps the model in
-    timm's ``FeatureGetterNet``.
+    timm's ``FeatureGetterNet``. ``save_pretrained`` / ``push_to_hub`` share it, with a model card;
+    ``piip.from_pretrained`` loads it back (:class:`~piip.weights.sharing.HubMixin`).
     """
 
     def __init__(self, config: PIIPConfig):

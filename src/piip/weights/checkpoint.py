@@ -39,6 +39,7 @@ __all__ = [
     "check_state_dict",
     "describe_problems",
     "register_model_kind",
+    "model_kind",
     "load_state_dict_checked",
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -61,7 +62,8 @@ def register_model_kind(kind: str, config_class: type, builder: Callable[[Any], 
     _MODEL_KINDS[kind] = (config_class, builder)
 
 
-def _kind_of(config: Any) -> str | None:
+def model_kind(config: Any) -> str | None:
+    """The registered kind (``"piip"``, ``"detector"``, ...) of a model config; ``None`` for any other object."""
     return next((k for k, (cls, _) in _MODEL_KINDS.items() if type(config) is cls), None)
 
 
@@ -187,7 +189,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, extra: Mapping[st
     from safetensors.torch import save_file
 
     config = getattr(model, "config", None)
-    kind = _kind_of(config)
+    kind = model_kind(config)
     if kind is None:
         raise TypeError(f"save_checkpoint needs a piip model with its config (a PIIP, a detector, ...), got "
                         f"{type(model).__name__} with config {type(config).__name__}")

@@ -1,11 +1,13 @@
-"""Branch weights from a timm ``name.tag``: the local hub/torch cache, else the Hugging Face hub.
+"""Branch weights from a timm ``name.tag``: the local hub/torch cache, else the Hugging Face hub; and
+piip's one probe of the hub (:func:`hub_unreachable_reason`).
 
 Branches without a local file use their config's ``pretrained`` timm ``name.tag`` through timm and
 the Hugging Face hub. Files already in the local hub/torch cache are used without any network
 access. Otherwise the hub is probed first (offline mode, then a TCP connect bounded by a timeout),
 because a download attempt without network can hang for minutes: without network access loading
 fails within a few seconds with a message naming the branch, the tag and the
-``branch_weights={"branchK": "/path/to/file"}`` alternative.
+``branch_weights={"branchK": "/path/to/file"}`` alternative. Sharing a model
+(:mod:`~piip.weights.sharing`: ``from_pretrained`` of a hub repo, ``push_to_hub``) asks the same probe.
 """
 from __future__ import annotations
 
@@ -21,14 +23,15 @@ import torch
 
 from .formats import load_weights_file_with_notes
 
-__all__ = ["HUB_CONNECT_TIMEOUT", "HubUnavailableError"]
+__all__ = ["HUB_CONNECT_TIMEOUT", "HubUnavailableError", "hub_unreachable_reason"]
 
 #: Seconds allowed for the hub connectivity check before ``pretrained=True`` gives up.
 HUB_CONNECT_TIMEOUT = 3.0
 
 
 class HubUnavailableError(RuntimeError):
-    """A branch's timm weights cannot be fetched (offline, hub unreachable, download failed)."""
+    """The Hugging Face hub cannot serve or take what piip asks of it: a branch's timm weights, a shared
+    model's files, an upload (offline, hub unreachable, download or upload refused)."""
 
 
 def _truthy(value: str | None) -> bool:
@@ -91,15 +94,34 @@ def _reachable(host: str, port: int, timeout: float) -> bool:
     return bool(result and result[0])
 
 
-def _hub_endpoint(cfg: Any) -> tuple[str, int]:
+def _endpoint(url: str | None = None) -> tuple[str, int]:
+    """Host and port a request to ``url`` (default: the Hugging Face hub, ``HF_ENDPOINT``) connects to
+    first: the HTTPS proxy when one is set."""
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
     if proxy:
-        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
-    elif getattr(cfg, "hf_hub_id", None):
-        url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+        parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
     else:
-        url = urlparse(getattr(cfg, "url", "") or "https://huggingface.co")
-    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+        parsed = urlparse(url or os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    return parsed.hostname or "huggingface.co", parsed.port or (80 if parsed.scheme == "http" else 443)
+
+
+def hub_unreachable_reason(timeout: float = HUB_CONNECT_TIMEOUT, *, url: str | None = None,
+                           reachability: dict | None = None) -> str | None:
+    """Why the Hugging Face hub (or ``url``'s server) cannot be reached now, or ``None`` when it can.
+
+    Offline mode (``HF_HUB_OFFLINE``) answers at once; otherwise one TCP connect to the endpoint (or
+    the HTTPS proxy), bounded by ``timeout`` seconds, name resolution included. ``reachability``
+    caches the answers by ``(host, port)`` across calls."""
+    reason = _offline_reason()
+    if reason is not None:
+        return reason
+    host, port = _endpoint(url)
+    cache = reachability if reachability is not None else {}
+    if (host, port) not in cache:
+        cache[host, port] = _reachable(host, port, timeout)
+    if not cache[host, port]:
+        return f"{host}:{port} is not reachable (checked for {timeout:g}s)"
+    return None
 
 
 def _where_to_get(tag: str, cfg: Any) -> str:
@@ -145,13 +167,8 @@ def resolve_timm_source(tag: str, branches: list[str], timeout: float, reachabil
     source.cached = _cached_file(source.cfg)
     if source.cached:
         return source
-    reason = _offline_reason()
-    if reason is None:
-        host, port = _hub_endpoint(source.cfg)
-        if (host, port) not in reachability:
-            reachability[host, port] = _reachable(host, port, timeout)
-        if not reachability[host, port]:
-            reason = f"{host}:{port} is not reachable (checked for {timeout:g}s)"
+    url = None if getattr(source.cfg, "hf_hub_id", None) else getattr(source.cfg, "url", None)
+    reason = hub_unreachable_reason(timeout, url=url, reachability=reachability)
     if reason:
         source.problem = f"cannot download timm '{tag}': {reason}; {_where_to_get(tag, source.cfg)}"
     return source

@@ -48,6 +48,7 @@ from ...config.typed import Serializable
 from ...models.piip import PIIP
 from ...precision import autocast, autocast_dtype
 from ...ops import use_onednn_linears
+from ...weights.sharing import HubMixin
 from .rcnn_parts import BOX_LOSSES, MMDetRegionProposalNetwork, MMDetTransform
 
 __all__ = ["DetectorConfig", "Detector", "detect_in_size_groups", "input_transform", "PIIPDetector", "DetectorBackbone", "build_detector",
@@ -225,13 +226,14 @@ def detect_in_size_groups(images: list[torch.Tensor], padded_size: Callable[[int
     return detections
 
 
-class Detector(nn.Module):
+class Detector(nn.Module, HubMixin):
     """What every detector kind is: a module with its :class:`DetectorConfig` (``config``) that, in
     train mode, maps ``(images, targets)`` to a dict of losses and, in eval mode, ``images`` (a list
     of ``(3, H, W)`` float images in 0-1) to one dict per image: ``boxes`` ``(N, 4)`` x1 y1 x2 y2 in
     input-image pixels, ``labels`` 1-based, ``scores``, and for kinds with masks ``masks``
     ``(N, 1, H, W)`` probabilities. Targets are torchvision's (``boxes`` in input-image pixels,
-    ``labels`` 1-based, optional ``masks`` and ``has_mask``)."""
+    ``labels`` 1-based, optional ``masks`` and ``has_mask``). Every kind is shared with ``save_pretrained`` /
+    ``push_to_hub`` and loaded with ``piip.from_pretrained`` (:class:`~piip.weights.sharing.HubMixin`)."""
 
     config: DetectorConfig
 

@@ -32,6 +32,7 @@ from ...config.typed import Serializable
 from ...models.piip import PIIP
 from ...ops import use_onednn_linears
 from ...precision import autocast, autocast_dtype
+from ...weights.sharing import HubMixin
 
 __all__ = ["SegmenterConfig", "PIIPSegmenter", "UPerHead", "FCNHead", "ConvBNReLU", "build_segmenter",
            "build_segmenter_from_config"]
@@ -183,12 +184,13 @@ class SegmenterConfig(Serializable):
                              f"{self.stride}, {self.crop_size}")
 
 
-class PIIPSegmenter(nn.Module):
+class PIIPSegmenter(nn.Module, HubMixin):
     """A dense piip backbone with UperNet (``decode_head``) and an FCN auxiliary head.
 
     ``model(images)`` (0-1 ``(B, 3, H, W)``, normalised inside) returns the decode head's logits
     resized to the images; ``model(images, labels)`` the training losses;
     :func:`~piip.tasks.segmentation.evaluation.segment` runs whole or sliding-window inference.
+    ``save_pretrained`` / ``push_to_hub`` share it; ``piip.from_pretrained`` loads it back.
     """
 
     def __init__(self, config: SegmenterConfig, backbone: PIIP):
