@@ -308,6 +308,16 @@ def test_bad_images_raise(images, match):
         piip.PIIP(tiny_config())(images)
 
 
+def test_images_too_small_for_the_pyramids_coarsest_level_raise():
+    # piip_fmnist_tsb: patch 4, coarsest branch 12/28: 28 px passes the branch check, but the
+    # stride-32 level would max-pool the 7x7 patch grid by 8 to nothing
+    model = piip.create_model("piip_fmnist_tsb", task="det")
+    with pytest.raises(ValueError, match="stride-32 level pools the 4-pixel patch grid by 8, so each side must be >= 32"):
+        model(torch.randn(1, 3, 28, 28))
+    assert model(torch.randn(1, 3, 32, 32))["3"].shape[-2:] == (1, 1)
+    assert piip.create_model("piip_fmnist_tsb", task="cls")(torch.randn(1, 3, 28, 28)).shape == (1, 10)
+
+
 def test_bad_configs_raise():
     with pytest.raises(ValueError, match="same number of interaction_indexes"):
         PIIPConfig(branches=(tiny_branch(64, 64, heads=4), tiny_branch(32, 128, groups=((0, 1),))))

@@ -283,8 +283,19 @@ class PIIP(nn.Module, HubMixin):
         final = [b.norm(x) if hasattr(b, "norm") else x for b, x in zip(self.branches, tokens)]
         return (final[0] if len(final) == 1 else final), out
 
+    def _check_pyramid_input(self, images: torch.Tensor) -> None:
+        """The feature pyramid's coarsest level max-pools the patch grid; it must not pool it to nothing."""
+        H, W = images.shape[-2:]
+        patch, coarsest = self.config.patch_size, max(self.strides)
+        if min(H, W) // patch < coarsest // patch:
+            raise ValueError(
+                f"images of {H}x{W} are too small for the feature pyramid: its stride-{coarsest} level pools "
+                f"the {patch}-pixel patch grid by {coarsest // patch}, so each side must be >= {coarsest} pixels")
+
     def forward(self, images: torch.Tensor):
         if self.config.task == "det":
+            self._check_input(images)
+            self._check_pyramid_input(images)
             maps = self.forward_features(images)
             merged = self.merge(maps) if self.merge is not None else maps[0]
             return self.fpn(merged)
