@@ -24,6 +24,7 @@ LAYERS = [
     ("tasks",),
     ("compat",),
     ("analysis",),
+    ("export",),
     ("demo",),
     ("cli", "__main__", "piip"),
 ]

@@ -253,6 +253,40 @@ def _cmd_predict(args: argparse.Namespace) -> None:
                   + (f" and {len(result['images'])} drawn images to {args.out}" if result["images"] else ""))
 
 
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    import os
+
+    from .export import export_onnx
+
+    if os.path.isfile(args.source):
+        if args.task is not None:
+            raise ValueError("--task applies to a variant name; a checkpoint holds its own model")
+        from .weights.checkpoint import load_checkpoint
+
+        model = load_checkpoint(args.source)
+    else:
+        from .models import create_model
+
+        model = create_model(args.source, task=args.task or "det")
+    with console.status(f"exporting {args.source} to {args.output} ..."):
+        result = export_onnx(model, args.output, size=tuple(args.size) if args.size else None, dynamic=args.dynamic,
+                             opset=args.opset, check=not args.no_check)
+    if args.json:
+        print(json.dumps(result.to_dict(), default=str))
+    else:
+        dynamic = list(result.dynamic_axes.get("images", {}).values())
+        console.print(f"[green]wrote[/] {result.path} ({result.file_bytes / 2**20:.1f} MiB, {result.kind}, input "
+                      f"images {'x'.join(map(str, result.input_shape))}"
+                      f"{', dynamic ' + '/'.join(dynamic) if dynamic else ''}, opset {result.opset}) "
+                      f"in {result.export_seconds:.1f} s")
+        console.print(f"outputs: {', '.join(result.output_names)}")
+        for note in result.notes:
+            console.print(f"note: {note}")
+        for check in result.checks:
+            console.print(f"check (onnxruntime vs PyTorch) {check.describe()}")
+    return 1 if result.check_passed is False else 0
+
+
 def _cmd_data_scenes(args: argparse.Namespace) -> None:
     from .data.scenes import generate_scenes, generate_semantic_scenes
 
@@ -443,6 +477,27 @@ def _add_predict_and_train(sub) -> None:
     p.set_defaults(func=_cmd_train)
 
 
+def _add_export(sub) -> None:
+    """`piip export onnx`: a checkpoint or a variant to an ONNX file, checked against PyTorch."""
+    p = sub.add_parser("export", help="export a model to another format (onnx)")
+    formats = p.add_subparsers(dest="format", required=True)
+    p = formats.add_parser("onnx", help="export a checkpoint (any kind) or a variant to ONNX and compare it with "
+                                        "PyTorch in onnxruntime (needs: pip install piip[onnx])")
+    p.add_argument("source", help="a piip checkpoint file (backbone, classifier, segmenter, DINO detector) or a "
+                                  "registered variant name (random weights)")
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("--task", choices=("det", "cls"), help="a variant's form: det (the feature pyramid, the default) "
+                                                          "or cls (a classifier)")
+    p.add_argument("--size", type=POSITIVE, nargs=2, metavar=("H", "W"),
+                   help="input size (default: the model's: the finest branch's resolution, a segmenter's crop, a "
+                        "detector's test size)")
+    p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width where the model allows")
+    p.add_argument("--opset", type=POSITIVE, default=18, help="ONNX opset (>= 16)")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=_cmd_export_onnx)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="piip", description="Parameter-Inverted Image Pyramid Networks")
     parser.add_argument("--onednn-linears", choices=("auto", "on", "off"),
@@ -453,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_and_demo(sub)
     _add_eval_and_data(sub)
     _add_predict_and_train(sub)
+    _add_export(sub)
     return parser
 
 
@@ -472,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     formatwarning = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
     try:
-        args.func(args)
+        status = args.func(args)
     # what a user's input can cause: bad values, files, options (CheckpointError, DataError: ValueErrors), a
     # diverging run (the trainer's FloatingPointError), weights that cannot be downloaded
     except (ValueError, OSError, NotImplementedError, FloatingPointError) as error:
@@ -488,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         warnings.formatwarning = formatwarning
-    return 0
+    return status or 0  # a command may return its own status (piip export: 1 when the check fails)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

@@ -56,6 +56,18 @@ class FullWidthQKNormAttention(Attention):
         return self.proj_drop(self.proj(x))
 
 
+def _for_any_size(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself, or while exporting a contiguous copy.
+
+    An exported graph must serve every input size, but ``torch.export`` records the shapes of one
+    example and simplifies their formulas under what held for it. Reshaping a transposed tensor is
+    a view or a copy depending on the sizes (a view where a window axis has size 1), and that
+    decision is recorded as an equality (one window) which then rewrites the window count as 1 in
+    the graph. A contiguous copy first makes the reshape a view at every size: no such equality.
+    """
+    return x.clone(memory_format=torch.contiguous_format) if torch.compiler.is_exporting() else x
+
+
 def window_attention(attn: nn.Module, x: torch.Tensor, hw: tuple[int, int], window: int) -> torch.Tensor:
     """Run ``attn`` inside non-overlapping ``window x window`` windows of the ``hw`` token grid.
 
@@ -66,13 +78,16 @@ def window_attention(attn: nn.Module, x: torch.Tensor, hw: tuple[int, int], wind
     H, W = hw
     pad_h, pad_w = (-H) % window, (-W) % window
     x = x.view(B, H, W, C)
-    if pad_h or pad_w:
+    # exported, always pad (by 0 where nothing is missing): the example's sizes must not decide it
+    if pad_h or pad_w or torch.compiler.is_exporting():
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     Hp, Wp = H + pad_h, W + pad_w
-    x = x.view(B, Hp // window, window, Wp // window, window, C).transpose(2, 3)
-    x = attn(x.reshape(-1, window * window, C))
-    x = x.view(B, Hp // window, Wp // window, window, window, C).transpose(2, 3).reshape(B, Hp, Wp, C)
-    return x[:, :H, :W].reshape(B, H * W, C)
+    rows, cols = Hp // window, Wp // window
+    x = _for_any_size(x.view(B, rows, window, cols, window, C).transpose(2, 3))
+    x = attn(x.reshape(B * rows * cols, window * window, C))
+    x = _for_any_size(x.view(B, rows, cols, window, window, C).transpose(2, 3))
+    x = _for_any_size(x.reshape(B, Hp, Wp, C)[:, :H, :W])
+    return x.reshape(B, H * W, C)
 
 
 def window_attention_after_qkv(attn: Attention, x: torch.Tensor, hw: tuple[int, int], window: int) -> torch.Tensor:
@@ -85,16 +100,16 @@ def window_attention_after_qkv(attn: Attention, x: torch.Tensor, hw: tuple[int, 
     H, W = hw
     pad_h, pad_w = (-H) % window, (-W) % window
     qkv = attn.qkv(x).view(B, H, W, -1)
-    if pad_h or pad_w:
+    if pad_h or pad_w or torch.compiler.is_exporting():  # see window_attention
         qkv = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h))
     Hp, Wp = H + pad_h, W + pad_w
-    qkv = qkv.view(B, Hp // window, window, Wp // window, window, -1).transpose(2, 3)
+    qkv = _for_any_size(qkv.view(B, Hp // window, window, Wp // window, window, -1).transpose(2, 3))
     qkv = qkv.reshape(-1, window * window, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     y = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    y = y.transpose(1, 2).reshape(B, Hp // window, Wp // window, window, window, -1)
-    y = y.transpose(2, 3).reshape(B, Hp, Wp, -1)[:, :H, :W].reshape(B, H * W, -1)
+    y = _for_any_size(y.transpose(1, 2)).reshape(B, Hp // window, Wp // window, window, window, -1)
+    y = _for_any_size(_for_any_size(y.transpose(2, 3)).reshape(B, Hp, Wp, -1)[:, :H, :W]).reshape(B, H * W, -1)
     return attn.proj_drop(attn.proj(attn.norm(y)))
 
 
@@ -177,20 +192,29 @@ class ViTBranch(nn.Module):
         """Patch position embedding resized to ``hw``: ``(1, H*W, D)`` in float32."""
         grid = self.config.pos_embed_grid
         pos = self.pos_embed[:, self.pos_embed_prefix:]
-        if tuple(hw) == (grid, grid):
+        exporting = torch.compiler.is_exporting() or torch.jit.is_tracing()
+        # Exported, resized at every size (to the same size, bicubic is exactly the identity): a
+        # graph traced at the stored grid would otherwise add it unresized at every size.
+        if not exporting and tuple(hw) == (grid, grid):
             return pos.float()
-        # Cached only when no gradient can flow into it; the key tracks in-place updates.
-        cacheable = not (torch.is_grad_enabled() and self.pos_embed.requires_grad)
+        # Cached only when no gradient can flow into it; the key tracks in-place updates. Never while
+        # exporting or tracing: the traced tensors have no data pointer (torch.export), and a cached
+        # tensor would enter the graph as a constant of the example input's grid (the graph must
+        # resize the parameter itself, for other input sizes and for the parameter's own name).
+        cacheable = not (torch.is_grad_enabled() and self.pos_embed.requires_grad or exporting)
+        if not cacheable:
+            return self._resize_pos(pos, hw)
         key = (tuple(hw), self.pos_embed._version, self.pos_embed.device, self.pos_embed.data_ptr())
-        if cacheable and key in self._pos_cache:
-            return self._pos_cache[key]
+        if key not in self._pos_cache:
+            self._pos_cache.clear()
+            self._pos_cache[key] = self._resize_pos(pos, hw)
+        return self._pos_cache[key]
+
+    def _resize_pos(self, pos: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        grid = self.config.pos_embed_grid
         pos = pos.float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
         pos = F.interpolate(pos, size=tuple(hw), mode="bicubic", align_corners=False)
-        pos = pos.flatten(2).transpose(1, 2)
-        if cacheable:
-            self._pos_cache.clear()
-            self._pos_cache[key] = pos
-        return pos
+        return pos.flatten(2).transpose(1, 2)
 
     def embed(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patchify ``image``; returns tokens ``(B, prefix + H*W, D)`` and the token grid ``(H, W)``.

@@ -283,6 +283,15 @@ def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, sampling_locati
     """
     shapes = _as_shape_tuple(spatial_shapes)
     _check_inputs(value, shapes, sampling_locations, attention_weights)
+    if torch.compiler.is_exporting():
+        # torch.export (and so torch.onnx.export(dynamo=True)) keeps a custom op as one opaque node,
+        # which the ONNX exporter can only write as a node of a custom domain (piip::ms_deform_attn)
+        # that no runtime knows. Exported, the op is its own body instead: grid_sample and
+        # element-wise arithmetic, which ONNX has as standard operators (GridSample, opset >= 16).
+        # Eager mode and torch.compile keep the op (FLOP formula, one node, the lean backward).
+        dtype = _compute_dtype(value, sampling_locations, attention_weights)
+        out = _forward(value.to(dtype), shapes, sampling_locations.to(dtype), attention_weights.to(dtype))
+        return out.to(value.dtype)
     flat_shapes = [size for hw in shapes for size in hw]
     return _ms_deform_attn_op(value, flat_shapes, sampling_locations, attention_weights)
 

@@ -57,6 +57,32 @@ def resize(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def adaptive_avg_pool(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(x, size)``; while exporting, the same bins as two matrix products.
+
+    ONNX has no adaptive pooling: the exporter writes an ``AveragePool`` whose kernel and strides are
+    the example's, wrong at other map sizes. Row ``i`` of the bin matrix averages input pixels
+    ``floor(i * n / size)`` to ``ceil((i + 1) * n / size)``, PyTorch's bins, for any ``n``.
+    """
+    if not torch.compiler.is_exporting():
+        return F.adaptive_avg_pool2d(x, size)
+
+    def bins(n: int) -> torch.Tensor:
+        i = torch.arange(size, device=x.device)[:, None]
+        j = torch.arange(n, device=x.device)[None]
+        inside = ((j >= i * n // size) & (j < ((i + 1) * n + size - 1) // size)).to(x.dtype)
+        return inside / inside.sum(1, keepdim=True)
+
+    return torch.einsum("ih,bchw,jw->bcij", bins(x.shape[-2]), x, bins(x.shape[-1]))
+
+
+class _AdaptiveAvgPool(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d`` (same name and state) that exports for every input size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return adaptive_avg_pool(x, self.output_size)
+
+
 class _DecodeHead(nn.Module):
     """What MMSegmentation's ``BaseDecodeHead`` adds: dropout and the 1x1 classifier."""
 
@@ -78,7 +104,7 @@ class UPerHead(_DecodeHead):
                  dropout: float = 0.1):
         super().__init__(channels, num_classes, dropout)
         self.psp_modules = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(scale), ConvBNReLU(in_channels[-1], channels, 1)) for scale in pool_scales)
+            nn.Sequential(_AdaptiveAvgPool(scale), ConvBNReLU(in_channels[-1], channels, 1)) for scale in pool_scales)
         self.bottleneck = ConvBNReLU(in_channels[-1] + len(pool_scales) * channels, channels, 3, padding=1)
         self.lateral_convs = nn.ModuleList(ConvBNReLU(c, channels, 1) for c in in_channels[:-1])
         self.fpn_convs = nn.ModuleList(ConvBNReLU(channels, channels, 3, padding=1) for _ in in_channels[:-1])
