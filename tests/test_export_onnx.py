@@ -171,6 +171,10 @@ def test_cli_exports_a_variant_and_a_checkpoint_and_refuses_in_one_line(tmp_path
     assert err.startswith("piip: error: a mask_rcnn detector cannot be exported to ONNX") and err.count("\n") == 1
     assert main(["export", "onnx", str(checkpoint), "--task", "cls", "-o", str(tmp_path / "det.onnx")]) == 2
     assert "--task applies to a variant name" in capsys.readouterr().err
+    assert main(["export", "onnx", str(tmp_path / "missing.safetensors"), "-o", str(tmp_path / "m.onnx")]) == 2
+    assert "missing.safetensors': no such checkpoint file" in capsys.readouterr().err
+    assert main(["export", "onnx", "vit_fmnist_t", "-o", str(tmp_path / "no" / "such" / "x.onnx")]) == 2
+    assert f"the folder {str(tmp_path / 'no' / 'such')!r} does not exist" in capsys.readouterr().err
     import importlib.util
 
     real = importlib.util.find_spec

@@ -265,8 +265,10 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
 
         model = load_checkpoint(args.source)
     else:
-        from .models import create_model
+        from .models import create_model, list_models
 
+        if args.source not in list_models() and os.sep in args.source or args.source.endswith(".safetensors"):
+            raise FileNotFoundError(f"{args.source!r}: no such checkpoint file")
         model = create_model(args.source, task=args.task or "det")
     with console.status(f"exporting {args.source} to {args.output} ..."):
         result = export_onnx(model, args.output, size=tuple(args.size) if args.size else None, dynamic=args.dynamic,

@@ -418,6 +418,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, size: int | tuple[
                 f"size for the number of windows at every size; pass a larger size"
                 + (f" (e.g. {bigger}x{bigger})" if bigger else ""))
     path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):  # before minutes of tracing, not after
+        raise FileNotFoundError(f"cannot write {path!r}: the folder {folder!r} does not exist")
     device = next(iter(model.parameters())).device
     batch = 2 if dynamic else 1  # an example batch of 1 would fix the batch axis at 1
     example = _example(plan, batch, hw, 0, device)
