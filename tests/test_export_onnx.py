@@ -5,7 +5,8 @@ written with standard operators only and onnxruntime reproduces PyTorch on the e
 Exports are the slow part (torch.export and the ONNX translation: 3-25 s each on 2 cores, growing with
 the graph), so each model is exported once, the PIIP with a dynamic export is a smaller one than
 ``piip_fmnist_tsb`` (two branches of one block, one deformable interaction) and the segmenter's and
-the detector's backbone is vit_fmnist_t with two blocks: the same code paths in less time."""
+the detector's backbones are vit_fmnist_t with two blocks and that small PIIP: the same code paths in
+less time."""
 from __future__ import annotations
 
 import json
@@ -100,21 +101,28 @@ def test_vit_backbone_exports_with_dynamic_batch_and_size(tmp_path):
     assert domains(tmp_path / "vit.onnx") <= {"", "ai.onnx"}
 
 
-def test_segmenter_exports_logits_at_the_input_size_for_any_size(tmp_path):
-    """UperNet's pyramid pooling exports for every map size (adaptive pooling as bin matrices)."""
-    model = build_segmenter(short_vit(), 3, channels=16, aux_channels=8,
-                            crop_size=64, stride=48)
-    result = export_onnx(model, tmp_path / "seg.onnx", dynamic=True)
-    assert result.kind == "segmenter" and result.input_shape == (2, 3, 64, 64)  # the sliding window's crop
-    assert result.dynamic_axes["logits"] == {0: "batch", 2: "height", 3: "width"}
-    assert_checked(result, 2)
+#: the heads' backbones: a single ViT, and a two-branch PIIP (its interaction is deformable attention)
+BACKBONES = {"vit": short_vit, "piip": lambda: piip.PIIP(small_piip("det"))}
+
+
+@pytest.mark.parametrize("backbone,dynamic", [("vit", True), ("piip", False)])
+def test_segmenter_exports_logits_at_the_input_size_for_any_size(backbone, dynamic, tmp_path):
+    """UperNet's pyramid pooling exports for every map size (adaptive pooling as bin matrices); the
+    PIIP one exports at its crop (one export each keeps the suite short; the dynamic path is the ViT's)."""
+    model = build_segmenter(BACKBONES[backbone](), 3, channels=16, aux_channels=8, crop_size=64, stride=48)
+    result = export_onnx(model, tmp_path / "seg.onnx", dynamic=dynamic)
+    assert result.kind == "segmenter" and result.input_shape == (2 if dynamic else 1, 3, 64, 64)  # the crop
+    assert result.dynamic_axes.get("logits", {}) == ({0: "batch", 2: "height", 3: "width"} if dynamic else {})
+    assert_checked(result, 2 if dynamic else 1)
     assert domains(tmp_path / "seg.onnx") <= {"", "ai.onnx"}
+    assert ("GridSample" in op_types(tmp_path / "seg.onnx")) == (backbone == "piip")
 
 
-def test_dino_detector_exports_boxes_labels_scores(tmp_path):
+@pytest.mark.parametrize("backbone", ["vit", "piip"])
+def test_dino_detector_exports_boxes_labels_scores(backbone, tmp_path):
     """One raw image in, the detector's own transform inside; checked on the export image and a second
     image of the same size (a graph that fixed a data-dependent value would pass on its own example)."""
-    model = build_detector(short_vit(), 3, **DINO_HEADS)
+    model = build_detector(BACKBONES[backbone](), 3, **DINO_HEADS)
     result = export_onnx(model, tmp_path / "dino.onnx")
     assert result.kind == "detector (dino)" and result.output_names == ["boxes", "labels", "scores"]
     assert result.input_shape == (1, 3, 96, 128)  # the test resize's (min_size, max_size)
