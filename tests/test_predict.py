@@ -109,3 +109,14 @@ def test_detector_batch_of_mixed_sizes_equals_one_at_a_time_without_pictures(tmp
         assert record["labels"] == four[image]["labels"]
         assert np.allclose(record["boxes"], four[image]["boxes"], atol=0.11)  # rounded to 0.1 px in the file
         assert np.allclose(record["scores"], four[image]["scores"], atol=1e-4)
+
+
+def test_images_with_one_stem_get_pictures_of_their_own(tmp_path):
+    torch.manual_seed(0)
+    checkpoint = piip.save(tiny_detector(num_classes=3, score_thresh=0.0), tmp_path / "det.safetensors")
+    first, second = _images(tmp_path / "a", [(96, 128)], seed=0), _images(tmp_path / "b", [(128, 96)], seed=1)
+    Image.open(first / "im00.png").save(first / "im00.jpg")
+    result = predict_files(checkpoint, [first, second], tmp_path / "out", score_threshold=0.0)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["im00-2_pred.png", "im00-3_pred.png",
+                                                                         "im00_pred.png"]
+    assert len(result["images"]) == 3 and len(jsonl_by_image(tmp_path / "out" / "predictions.jsonl")) == 3

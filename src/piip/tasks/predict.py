@@ -77,6 +77,22 @@ def _expand(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
+def _unique_stems(files: list[Path]) -> dict[Path, str]:
+    """The name each image's pictures are written under: its stem, with ``-2``, ``-3`` ... for a stem
+    met before (``a.png`` and ``a.jpg``, or two folders' ``0001.png``), so that no picture overwrites
+    another; the same list of files always gives the same names (a resumed run's too)."""
+    names: dict[Path, str] = {}
+    taken: set[str] = set()
+    for path in files:
+        stem, k = path.stem, 1
+        while stem in taken:
+            k += 1
+            stem = f"{path.stem}-{k}"
+        taken.add(stem)
+        names[path] = stem
+    return names
+
+
 def _file_digest(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -193,6 +209,7 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
     done = _start_or_resume(out, _run_identity(checkpoint, score_threshold), overwrite)
     done_paths = {os.path.realpath(p) for p in done}
     todo = [p for p in files if os.path.realpath(p) not in done_paths]
+    stems = _unique_stems(files)
     records = {image: {k: v for k, v in r.items() if k != "image"} for image, r in done.items()}
     drawn, failed, started = [], 0, time.perf_counter()
     with open(out / PREDICTIONS_FILE, "a", encoding="utf-8") as jsonl, \
@@ -204,7 +221,7 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
             made = dict(zip((path for path, _ in readable), predictions))
             for path, image in batch:
                 if path in made:
-                    record, pictures = task.save_prediction(model, image, made[path], out, path.stem, names, draw=draw)
+                    record, pictures = task.save_prediction(model, image, made[path], out, stems[path], names, draw=draw)
                     drawn.extend(pictures)
                 else:
                     record, failed = {"error": f"unreadable image ({type(image).__name__}: {image})"}, failed + 1
