@@ -148,13 +148,10 @@ def _cmd_convert(args: argparse.Namespace) -> None:
 
 def _cmd_share(args: argparse.Namespace) -> None:
     from .analysis.model_card import card_info_from
-    from .weights.sharing import from_pretrained, parse_repo_id, require_hub, save_pretrained, upload_pretrained
+    from .weights.sharing import from_pretrained, repo_to_push, require_hub, save_pretrained, upload_pretrained
 
     if args.push:
-        repo, revision = parse_repo_id(args.push)
-        if revision:
-            raise ValueError(f"--push takes a repo id without '@revision', got {args.push!r}")
-        require_hub("push to", repo)  # within seconds, before anything is loaded or written
+        require_hub("push to", repo_to_push(args.push))  # within seconds, before anything is loaded or written
     metrics = {}
     for item in args.metric:
         name, sep, raw = item.partition("=")

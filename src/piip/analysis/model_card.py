@@ -23,7 +23,7 @@ from ..models.registry import get_config, resolve_name
 from ..version import __version__
 from ..weights.checkpoint import model_kind
 from ..weights.paper import paper_weights
-from ..weights.sharing import CONFIG_NAME, register_card_writer
+from ..weights.sharing import CONFIG_NAME, is_shared_config, register_card_writer
 from .complexity import complexity
 
 __all__ = ["model_card", "card_figures", "branch_licences", "card_info_from"]
@@ -383,7 +383,7 @@ def card_info_from(source: str | os.PathLike) -> dict[str, Any]:
     record = _read(folder / CONFIG_NAME) if folder.is_dir() else None
     if not isinstance(record, dict):
         return {}
-    if "piip_version" in record:  # save_pretrained's
+    if is_shared_config(record):  # save_pretrained's
         return {k: record[k] for k in ("recipe", "metrics") if record.get(k)}
     if "optim" not in record or "task" not in record:
         return {}

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..engine.task import task_for_model
-from ..weights.checkpoint import load_checkpoint, read_checkpoint
+from ..weights.checkpoint import load_checkpoint
 from ..data.unreadable import DECODE_ERRORS
 from ..weights.io import atomic_write
 from .base import evaluation_progress
@@ -201,9 +201,8 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
     if out.exists() and not out.is_dir():
         raise ValueError(f"the output folder {str(out)!r} is a file; name a folder for predictions.jsonl and the "
                          "drawn images")
-    meta = read_checkpoint(checkpoint, tensors=False)["metadata"]
-    names = json.loads(meta["class_names"]) if "class_names" in meta else None
     model = load_checkpoint(checkpoint, device=device)
+    names = getattr(model, "class_names", None)  # a classifier's, from its header
     task = task_for_model(model)
     out.mkdir(parents=True, exist_ok=True)
     done = _start_or_resume(out, _run_identity(checkpoint, score_threshold), overwrite)

@@ -276,12 +276,17 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, *,
         device: where the tensors are read to.
         return_extra: also return the extra tensors ``{prefix: {name: tensor}}``.
 
-    Returns the model in eval mode (and the extras when ``return_extra``).
+    Returns the model in eval mode (and the extras when ``return_extra``). A classifier whose header
+    names its classes (``class_names``, as ``piip train`` and ``save_pretrained`` write them) gets them
+    as ``model.class_names``.
     """
     data = read_checkpoint(path, device=device)
     if model is None:
         model = _MODEL_KINDS[data["kind"]][1](data["config"])
         model.to(device)
     load_state_dict_checked(model, data["state_dict"], what=f"checkpoint {os.fspath(path)!r}")
+    names = data["metadata"].get("class_names")
+    if names is not None and not hasattr(getattr(model, "config", None), "class_names"):
+        model.class_names = tuple(json.loads(names))  # a classifier's: its config has no field for them
     model.eval()
     return (model, data["extra"]) if return_extra else model

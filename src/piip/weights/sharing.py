@@ -38,7 +38,8 @@ from .hub import HUB_CONNECT_TIMEOUT, HubUnavailableError, hub_unreachable_reaso
 from .io import atomic_write
 
 __all__ = ["HubMixin", "WEIGHTS_NAME", "CONFIG_NAME", "CARD_NAME", "save_pretrained", "from_pretrained",
-           "push_to_hub", "upload_pretrained", "require_hub", "parse_repo_id", "class_names_of", "register_card_writer"]
+           "push_to_hub", "upload_pretrained", "require_hub", "repo_to_push", "parse_repo_id", "class_names_of",
+           "is_shared_config", "register_card_writer"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -64,7 +65,8 @@ def _classes(config: Any) -> int | None:
 
 def class_names_of(model: nn.Module) -> tuple[str, ...]:
     """The class names a model carries: its config's (detectors, segmenters) or, for a classifier,
-    the ``class_names`` :func:`from_pretrained` found in its checkpoint; empty when unknown."""
+    the ``class_names`` :func:`~piip.weights.checkpoint.load_checkpoint` found in its checkpoint's header;
+    empty when unknown."""
     config = getattr(model, "config", None)
     if hasattr(config, "class_names"):
         return tuple(config.class_names)
@@ -123,7 +125,7 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{str(path)!r} is not readable JSON ({type(err).__name__}: {err})") from err
 
 
-def _is_ours(record: Any) -> bool:
+def is_shared_config(record: Any) -> bool:
     """A ``config.json`` written by :func:`save_pretrained` (a training run's is a TrainConfig)."""
     return isinstance(record, dict) and "piip_version" in record and "config" in record
 
@@ -153,7 +155,7 @@ def _check_config_json(folder: Path, metadata: Mapping[str, str]) -> None:
     if not path.is_file():
         return
     found = _read_json(path)
-    if not _is_ours(found):
+    if not is_shared_config(found):
         return  # a training run's config.json: the run folder's model.safetensors loads by itself
     expected = _config_record(metadata)
     for key in ("model", "config", "class_names"):
@@ -190,7 +192,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, class_nam
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{str(directory)!r} is a file; save_pretrained writes a folder")
     existing = directory / CONFIG_NAME
-    if existing.is_file() and not _is_ours(_read_json(existing)):
+    if existing.is_file() and not is_shared_config(_read_json(existing)):
         raise ValueError(f"{str(directory)!r} holds a {CONFIG_NAME} that save_pretrained did not write (a training "
                          "run's?); save into another folder")
     if model_kind(getattr(model, "config", None)) is None:
@@ -214,18 +216,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, class_nam
 
 def _load_folder(folder: Path, device: Any) -> nn.Module:
     weights = folder / WEIGHTS_NAME
-    metadata = read_checkpoint(weights, tensors=False)["metadata"]
-    _check_config_json(folder, metadata)
-    return _load_file(weights, device, metadata)
-
-
-def _load_file(path: Path, device: Any, metadata: Mapping[str, str] | None = None) -> nn.Module:
-    if metadata is None:
-        metadata = read_checkpoint(path, tensors=False)["metadata"]
-    model = load_checkpoint(path, device=device)
-    if "class_names" in metadata and not hasattr(model.config, "class_names"):
-        model.class_names = tuple(json.loads(metadata["class_names"]))
-    return model
+    _check_config_json(folder, read_checkpoint(weights, tensors=False)["metadata"])
+    return load_checkpoint(weights, device=device)
 
 
 def from_pretrained(source: str | os.PathLike, *, device: Any = "cpu", revision: str | None = None,
@@ -249,7 +241,7 @@ def from_pretrained(source: str | os.PathLike, *, device: Any = "cpu", revision:
                                     "one)")
         return _load_folder(path, device)
     if path.is_file():
-        return _load_file(path, device)
+        return load_checkpoint(path, device=device)
     try:
         repo, rev = parse_repo_id(text, revision)
     except ValueError as err:
@@ -327,18 +319,28 @@ def require_hub(what: str, repo: str) -> None:
             f"(piip share SOURCE DIR) and upload it where the hub is reachable (hf upload {repo} DIR)")
 
 
+def repo_to_push(repo_id: str) -> str:
+    """The repo id a push goes to: ``owner/name``, checked, without ``@revision`` (a push makes one)."""
+    repo, revision = parse_repo_id(repo_id)
+    if revision:
+        raise ValueError(f"push to a repo id without '@revision', got {repo_id!r}")
+    return repo
+
+
 def upload_pretrained(directory: str | os.PathLike, repo_id: str, *, private: bool = False,
                       token: str | None = None, commit_message: str | None = None) -> str:
     """Upload a folder written by :func:`save_pretrained` to the hub model repo ``repo_id`` (created if
     missing); the URL of the commit. Fails within seconds when the hub cannot be reached."""
     folder = Path(directory)
-    repo, revision = parse_repo_id(repo_id)
-    if revision:
-        raise ValueError(f"push to a repo id without '@revision', got {repo_id!r}")
+    repo = repo_to_push(repo_id)
     if not (folder / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"folder {str(folder)!r} holds no {WEIGHTS_NAME}: write it with save_pretrained first")
     _check_config_json(folder, read_checkpoint(folder / WEIGHTS_NAME, tensors=False)["metadata"])
     require_hub("push to", repo)
+    return _upload(folder, repo, private=private, token=token, commit_message=commit_message)
+
+
+def _upload(folder: Path, repo: str, *, private: bool, token: str | None, commit_message: str | None) -> str:
     from huggingface_hub import HfApi
 
     api = HfApi(token=token, library_name="piip", library_version=__version__)
@@ -358,13 +360,11 @@ def push_to_hub(model: nn.Module, repo_id: str, *, private: bool = False, token:
     """:func:`save_pretrained` into a temporary folder, then :func:`upload_pretrained` it to ``repo_id``;
     the URL of the commit. ``card_info``: :func:`save_pretrained`'s card arguments. The hub is probed
     first: without network this fails within seconds, before anything is written."""
-    repo, revision = parse_repo_id(repo_id)
-    if revision:
-        raise ValueError(f"push to a repo id without '@revision', got {repo_id!r}")
+    repo = repo_to_push(repo_id)
     require_hub("push to", repo)
     with tempfile.TemporaryDirectory(prefix="piip-push-") as tmp:
-        save_pretrained(model, tmp, repo_id=repo, **card_info)
-        return upload_pretrained(tmp, repo, private=private, token=token, commit_message=commit_message)
+        folder = save_pretrained(model, tmp, repo_id=repo, **card_info)
+        return _upload(folder, repo, private=private, token=token, commit_message=commit_message)
 
 
 class HubMixin:
