@@ -187,13 +187,18 @@ def _backward(grad_output: Tensor, value: Tensor, shapes: Sequence[tuple[int, in
     return grad_value, grad_locations.mul_(2), grad_attention  # d(grid)/d(loc) = 2
 
 
+def _body(value: Tensor, shapes: Sequence[tuple[int, int]], sampling_locations: Tensor,
+          attention_weights: Tensor) -> Tensor:
+    """The op's computation: :func:`_forward` in float32 (float64 stays), returned in ``value``'s dtype."""
+    dtype = _compute_dtype(value, sampling_locations, attention_weights)
+    out = _forward(value.to(dtype), shapes, sampling_locations.to(dtype), attention_weights.to(dtype))
+    return out.to(value.dtype)
+
+
 @torch.library.custom_op("piip::ms_deform_attn", mutates_args=())
 def _ms_deform_attn_op(value: Tensor, spatial_shapes: list[int], sampling_locations: Tensor,
                        attention_weights: Tensor) -> Tensor:
-    dtype = _compute_dtype(value, sampling_locations, attention_weights)
-    out = _forward(value.to(dtype), _pairs(spatial_shapes), sampling_locations.to(dtype),
-                   attention_weights.to(dtype))
-    return out.to(value.dtype)
+    return _body(value, _pairs(spatial_shapes), sampling_locations, attention_weights)
 
 
 @_ms_deform_attn_op.register_fake
@@ -289,9 +294,7 @@ def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, sampling_locati
         # that no runtime knows. Exported, the op is its own body instead: grid_sample and
         # element-wise arithmetic, which ONNX has as standard operators (GridSample, opset >= 16).
         # Eager mode and torch.compile keep the op (FLOP formula, one node, the lean backward).
-        dtype = _compute_dtype(value, sampling_locations, attention_weights)
-        out = _forward(value.to(dtype), shapes, sampling_locations.to(dtype), attention_weights.to(dtype))
-        return out.to(value.dtype)
+        return _body(value, shapes, sampling_locations, attention_weights)
     flat_shapes = [size for hw in shapes for size in hw]
     return _ms_deform_attn_op(value, flat_shapes, sampling_locations, attention_weights)
 
