@@ -1,4 +1,5 @@
-"""Multi-scale deformable attention (MSDA) in pure PyTorch, as PIIP's branch interactions use it.
+"""Multi-scale deformable attention (MSDA), as PIIP's branch interactions use it: pure PyTorch, and a
+Triton kernel on CUDA.
 
 Conventions follow the Deformable-DETR op that the released PIIP checkpoints were trained with, so
 weights load and behave the same:
@@ -30,6 +31,21 @@ kernel makes. The backward is explicit (``aten.grid_sampler_2d_backward`` plus t
 gradient), because autograd cannot record a graph inside a custom op's kernel. It is a
 first-order gradient only: double backward is not supported.
 
+The CUDA kernel. On CUDA tensors the op (forward and backward) runs the Triton kernels of
+:mod:`piip.ops.ms_deform_attn_triton` when triton is usable: one pass gathers each point's four taps
+and sums them into the output, and the backward recomputes the taps and gives the location and
+weight gradients directly, and the value gradient by float32 atomic adds (so it is not bitwise
+reproducible between runs), instead of grid_sample's per-level calls and the layout copies around
+them. They follow grid_sample's zeros/align_corners=False rule and its arithmetic, so their results
+equal the PyTorch path's to float32 rounding, gradients on pixel centres and borders included
+(checked in Triton's CPU interpreter; the ``gpu``-marked tests check the compiled kernels, which
+were written without a GPU to hand).
+float64 inputs, a missing triton, and ``PIIP_MSDA_KERNEL=torch`` (the opt-out, e.g. to compare or to
+rule the kernel out) run the PyTorch path on CUDA instead; ``PIIP_MSDA_KERNEL=triton`` makes an
+unusable Triton an error rather than a fallback. The CPU always runs the PyTorch path, which is the
+reference (:func:`ms_deform_attn_reference` is it, outside the custom op and differentiable by
+autograd, for benchmarks and tests).
+
 Why float32 inside. bf16 has ~3 significant digits, so a normalised coordinate on a 56-pixel map
 loses about 0.2 px; measured, that is ~11% output error. The op therefore computes in float32
 whenever its inputs are lower precision (float64 stays float64, for gradcheck) and returns
@@ -47,6 +63,7 @@ PIIP's ratio 0.5); a paper-convention counter has to apply that rule itself.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from functools import reduce
 
@@ -55,7 +72,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["MSDeformAttn", "ms_deform_attn"]
+from .ms_deform_attn_triton import ms_deform_attn_triton, ms_deform_attn_triton_backward, triton_unavailable_reason
+
+__all__ = ["MSDeformAttn", "ms_deform_attn", "ms_deform_attn_reference"]
 
 SpatialShapes = Tensor | Sequence[tuple[int, int]]
 
@@ -63,6 +82,7 @@ SpatialShapes = Tensor | Sequence[tuple[int, int]]
 _BILINEAR, _ZEROS = 0, 0
 _GRID_SAMPLE_KWARGS = dict(mode="bilinear", padding_mode="zeros", align_corners=False)
 _MACS_PER_SAMPLE_CHANNEL = 5  # 4 bilinear taps + 1 weighted sum
+_KERNEL_ENV = "PIIP_MSDA_KERNEL"  # "torch": the CUDA kernels run the PyTorch path, not Triton
 
 
 def _as_shape_tuple(spatial_shapes: SpatialShapes) -> tuple[tuple[int, int], ...]:
@@ -195,9 +215,64 @@ def _body(value: Tensor, shapes: Sequence[tuple[int, int]], sampling_locations: 
     return out.to(value.dtype)
 
 
+def ms_deform_attn_reference(value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor,
+                             attention_weights: Tensor) -> Tensor:
+    """The op's pure-PyTorch computation (grid_sample), differentiable by autograd, on any device.
+
+    What the op runs on the CPU (and on CUDA without Triton), here outside the custom op: a
+    benchmark can time it against the Triton kernel on one device, and tests compare with it.
+    Arguments and result as :func:`ms_deform_attn`.
+    """
+    shapes = _as_shape_tuple(spatial_shapes)
+    _check_inputs(value, shapes, sampling_locations, attention_weights)
+    return _body(value, shapes, sampling_locations, attention_weights)
+
+
+def _backward_body(grad_output: Tensor, value: Tensor, shapes: Sequence[tuple[int, int]],
+                   sampling_locations: Tensor, attention_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward op's pure-PyTorch computation: :func:`_backward` in float32 (float64 stays),
+    each gradient returned in its input's dtype."""
+    dtype = _compute_dtype(grad_output, value, sampling_locations, attention_weights)
+    grads = _backward(grad_output.to(dtype), value.to(dtype), shapes, sampling_locations.to(dtype),
+                      attention_weights.to(dtype))
+    inputs = (value, sampling_locations, attention_weights)
+    return tuple(g.to(t.dtype) for g, t in zip(grads, inputs))
+
+
+def _cuda_implementation(*tensors: Tensor) -> str:
+    """``"triton"`` or ``"torch"``: what the op's CUDA kernels run for these inputs.
+
+    Triton when it is usable and no input is float64 (the kernel computes in float32; float64 is
+    gradcheck's, and the reference's), unless ``PIIP_MSDA_KERNEL=torch``; ``PIIP_MSDA_KERNEL=triton``
+    makes an unusable Triton an error instead of a quiet fallback.
+    """
+    setting = os.environ.get(_KERNEL_ENV, "").strip().lower()
+    if setting not in ("", "auto", "triton", "torch"):
+        raise ValueError(f"{_KERNEL_ENV}={setting!r}: expected 'torch', 'triton' or 'auto' (the default)")
+    if setting == "torch":
+        return "torch"
+    if any(t.dtype == torch.float64 for t in tensors):
+        reason = "float64 inputs (the kernel computes in float32)"
+    else:
+        reason = triton_unavailable_reason()
+    if reason is None:
+        return "triton"
+    if setting == "triton":
+        raise RuntimeError(f"{_KERNEL_ENV}=triton, but the Triton kernel cannot run: {reason}")
+    return "torch"
+
+
 @torch.library.custom_op("piip::ms_deform_attn", mutates_args=())
 def _ms_deform_attn_op(value: Tensor, spatial_shapes: list[int], sampling_locations: Tensor,
                        attention_weights: Tensor) -> Tensor:
+    return _body(value, _pairs(spatial_shapes), sampling_locations, attention_weights)
+
+
+@_ms_deform_attn_op.register_kernel("cuda")
+def _ms_deform_attn_cuda(value: Tensor, spatial_shapes: list[int], sampling_locations: Tensor,
+                         attention_weights: Tensor) -> Tensor:
+    if _cuda_implementation(value, sampling_locations, attention_weights) == "triton":
+        return ms_deform_attn_triton(value, _pairs(spatial_shapes), sampling_locations, attention_weights)
     return _body(value, _pairs(spatial_shapes), sampling_locations, attention_weights)
 
 
@@ -212,11 +287,17 @@ def _(value: Tensor, spatial_shapes: list[int], sampling_locations: Tensor,
 def _ms_deform_attn_backward_op(grad_output: Tensor, value: Tensor, spatial_shapes: list[int],
                                 sampling_locations: Tensor,
                                 attention_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    dtype = _compute_dtype(grad_output, value, sampling_locations, attention_weights)
-    grads = _backward(grad_output.to(dtype), value.to(dtype), _pairs(spatial_shapes),
-                      sampling_locations.to(dtype), attention_weights.to(dtype))
-    inputs = (value, sampling_locations, attention_weights)
-    return tuple(g.to(t.dtype) for g, t in zip(grads, inputs))
+    return _backward_body(grad_output, value, _pairs(spatial_shapes), sampling_locations, attention_weights)
+
+
+@_ms_deform_attn_backward_op.register_kernel("cuda")
+def _ms_deform_attn_backward_cuda(grad_output: Tensor, value: Tensor, spatial_shapes: list[int],
+                                  sampling_locations: Tensor,
+                                  attention_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    if _cuda_implementation(grad_output, value, sampling_locations, attention_weights) == "triton":
+        return ms_deform_attn_triton_backward(grad_output, value, _pairs(spatial_shapes), sampling_locations,
+                                              attention_weights)
+    return _backward_body(grad_output, value, _pairs(spatial_shapes), sampling_locations, attention_weights)
 
 
 @_ms_deform_attn_backward_op.register_fake
