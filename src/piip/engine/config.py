@@ -192,6 +192,16 @@ class RunConfig:
         onednn_linears: float32 CPU dense layers on oneDNN (``true``) or ``F.linear`` (``false``);
             ``None``: the process setting (``PIIP_ONEDNN_LINEARS``, else what is measured faster on
             this CPU; :mod:`piip.ops.linear`).
+        strategy: how the processes share the work (:mod:`piip.engine.strategy`). ``"ddp"``: each
+            holds the whole model and optimiser state, ``step-*.pt`` checkpoints. ``"zero1"``: the
+            optimiser state partitioned over the processes (``ZeroRedundancyOptimizer``).
+            ``"fsdp"``: parameters, gradients and optimiser state sharded (FSDP2, per ViT block and
+            interaction unit; ``amp=bf16`` gathers bfloat16 weights and reduces float32 gradients),
+            without ``ema_decay``, ``compile`` or ``amp=fp16``. zero1 and fsdp write sharded
+            checkpoint folders (``step-*/``, ``best/``: every process its shard), which resume under
+            the same strategy and number of processes only and which ``piip.load`` reads as the
+            whole model. With one process every strategy is plain single-process training (and
+            ``.pt`` checkpoints).
     """
 
     out_dir: str = "runs/default"
@@ -210,6 +220,7 @@ class RunConfig:
     progress: bool = True
     device: str = "auto"
     onednn_linears: bool | None = None
+    strategy: str = "ddp"
 
 
 @dataclass
@@ -298,6 +309,9 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"optim.betas={cfg.optim.betas!r} needs 2 values (AdamW's beta1, beta2)")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.run.device):
         raise ValueError(f"run.device={cfg.run.device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    from .strategy import check_strategy
+
+    check_strategy(cfg.run)
     # the task's data section checks itself when built; overrides set fields after that
     check_data = getattr(cfg.data, "__post_init__", None)
     if check_data is not None:

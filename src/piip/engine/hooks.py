@@ -20,8 +20,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as D
-from .checkpoint import atomic_torch_save, save_training_checkpoint
+from ..weights.checkpoint import checkpoint_header, model_kind
+from .checkpoint import atomic_torch_save, save_sharded_checkpoint, save_training_checkpoint
 from .sampling import ShardSampler
+from .strategy import bare_model
 
 __all__ = ["Hook", "MetricsLogger", "Evaluator", "BestMetric", "Checkpointer"]
 
@@ -130,8 +132,10 @@ class MetricsLogger(Hook):
         self.window_start, self.window_images = now, 0
         # the schedule's lr of the base rate (parameter groups scale it by their multipliers)
         lr = loop.cfg.optim.lr * loop.scheduler.lr_lambdas[0](loop.scheduler.last_epoch)
-        self.write({"kind": "train", "step": loop.step, "epoch": loop.epoch, "loss": loop.loss, "lr": lr,
-                    "images_per_s": images_per_s, "time": time.time()})
+        record = {"kind": "train", "step": loop.step, "epoch": loop.epoch, "loss": loop.loss, "lr": lr}
+        if loop.grad_norm is not None:
+            record["grad_norm"] = loop.grad_norm
+        self.write({**record, "images_per_s": images_per_s, "time": time.time()})
         self.progress.update(loop.step, f"loss {loop.loss:.4f}  lr {lr:.2e}  {images_per_s:.1f} img/s")
 
     def after_train(self) -> None:
@@ -166,7 +170,8 @@ class Evaluator(Hook):
 
     def evaluate(self) -> dict:
         """The task's metrics of the model (and of its EMA, as ``ema_<key>``), in batches of the
-        training micro-batch size."""
+        training micro-batch size (with the strategy's whole parameters: under fsdp gathered once,
+        so each process runs its own number of batches)."""
         loop, task = self.loop, self.loop.task
         generator = torch.Generator().manual_seed(0)  # keep the global RNG untouched
         D.broadcast_buffers(loop.model)
@@ -174,8 +179,9 @@ class Evaluator(Hook):
                             sampler=ShardSampler(len(self.dataset), D.rank(), D.world_size()),
                             num_workers=loop.cfg.run.num_workers, collate_fn=task.collate, generator=generator)
         was_training = loop.model.training
-        result = task.evaluate(loop.model, loader, loop.device, loop.amp_dtype, gather=D.gather_objects,
-                               save_to=str(self.save_to) if loop.is_main else None)
+        with loop.strategy.full_params(loop.model):
+            result = task.evaluate(loop.model, loader, loop.device, loop.amp_dtype, gather=D.gather_objects,
+                                   save_to=str(self.save_to) if loop.is_main else None)
         if loop.ema is not None:
             ema_result = task.evaluate(loop.ema.module, loader, loop.device, loop.amp_dtype, gather=D.gather_objects)
             result.update({f"ema_{k}": v for k, v in ema_result.items() if k != "num_samples"})
@@ -211,9 +217,11 @@ class Checkpointer(Hook):
     """Training checkpoints in ``directory`` (see :mod:`piip.engine.checkpoint`): ``step-<step>.pt``
     every ``every_steps`` optimiser steps (0: never mid-epoch) and after every epoch, the last
     ``keep_last`` kept; and ``best.pt`` after an epoch whose evaluation ``best`` found better.
+    Under a sharded strategy (zero1, fsdp) they are folders, ``step-<step>/`` and ``best/``.
 
     Every rank takes part in a save (the RNG states of all ranks are gathered); only the main
-    process writes. ``last_path`` is the last step file written (``None`` on the other ranks).
+    process writes, except the shards of a sharded checkpoint (each process its own).
+    ``last_path`` is the last step checkpoint written (``None`` on the other ranks).
     """
 
     def __init__(self, directory: Path, *, every_steps: int, keep_last: int, best: BestMetric | None = None):
@@ -230,11 +238,15 @@ class Checkpointer(Hook):
             self.save_best()
 
     def save_step(self) -> Path | None:
-        """``step-<step>.pt``, ``latest`` pointing at it, older step files pruned."""
+        """``step-<step>.pt`` (or folder), ``latest`` pointing at it, older step checkpoints pruned."""
+        if self.loop.strategy.sharded:
+            return self._save_sharded(f"step-{self.loop.step:08d}", latest=True)
         return self._save(lambda state: save_training_checkpoint(self.directory, state, self.loop.step,
                                                                  keep=self.keep_last))
 
     def save_best(self) -> Path | None:
+        if self.loop.strategy.sharded:
+            return self._save_sharded("best", latest=False)
         return self._save(lambda state: atomic_torch_save(state, self.directory / "best.pt"))
 
     def _save(self, write: Callable[[dict], Path]) -> Path | None:
@@ -242,3 +254,14 @@ class Checkpointer(Hook):
         path = write(state) if self.loop.is_main else None
         D.barrier()  # no rank runs ahead of a checkpoint being written
         return path
+
+    def _save_sharded(self, name: str, latest: bool) -> Path | None:
+        """The folder ``name``, every process writing its shards; with the model's piip header (and
+        the task's ``checkpoint_metadata()``, as its export writes them), so that ``piip.load`` reads
+        the folder as the whole model."""
+        model, task = bare_model(self.loop.model), self.loop.task
+        metadata = task.checkpoint_metadata() if hasattr(task, "checkpoint_metadata") else None
+        header = checkpoint_header(model, metadata) if model_kind(getattr(model, "config", None)) else None
+        path = save_sharded_checkpoint(self.directory, self.loop.state_dict(), name, header=header,
+                                       latest=latest, keep=self.keep_last)
+        return path if self.loop.is_main else None

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..models.piip import PIIP
 
-__all__ = ["ParamRule", "param_rules", "build_param_groups", "build_optimizer", "cosine_lambda",
+__all__ = ["ParamRule", "param_rules", "build_param_groups", "optimizer_spec", "build_optimizer", "cosine_lambda",
            "step_lambda", "poly_lambda", "build_scheduler", "total_steps", "layer_ids"]
 
 _BRANCH_RE = re.compile(r"(?:^|\.)branches\.(\d+)\.(.*)$")
@@ -129,8 +129,10 @@ def build_param_groups(model: nn.Module, **kwargs) -> list[dict]:
     return [groups[k] for k in sorted(groups)]
 
 
-def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
-    """AdamW over :func:`build_param_groups`; each group's ``lr`` is ``optim.lr * lr_scale``."""
+def optimizer_spec(model: nn.Module, optim_cfg) -> tuple[type[torch.optim.Optimizer], list[dict], dict]:
+    """What :func:`build_optimizer` builds, unbuilt: the optimiser class (AdamW), the
+    :func:`build_param_groups` (each group's ``lr`` is ``optim.lr * lr_scale``) and the defaults.
+    A wrapper that shards the optimiser state (ZeRO) builds it from these."""
     groups = build_param_groups(
         model, weight_decay=optim_cfg.weight_decay, new_module_lr_mult=optim_cfg.new_module_lr_mult,
         layer_decay=optim_cfg.layer_decay, layer_decay_num_layers=optim_cfg.layer_decay_num_layers,
@@ -139,8 +141,14 @@ def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
         g["lr"] = optim_cfg.lr * g["lr_scale"]
     if optim_cfg.optimizer.lower() != "adamw":
         raise ValueError(f"optimizer {optim_cfg.optimizer!r} is not supported (adamw)")
-    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
-                             weight_decay=optim_cfg.weight_decay)
+    return torch.optim.AdamW, groups, dict(lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
+                                           weight_decay=optim_cfg.weight_decay)
+
+
+def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
+    """AdamW over :func:`build_param_groups`; each group's ``lr`` is ``optim.lr * lr_scale``."""
+    optimizer_class, groups, defaults = optimizer_spec(model, optim_cfg)
+    return optimizer_class(groups, **defaults)
 
 
 def cosine_lambda(total_steps: int, warmup_steps: int, base_lr: float, warmup_lr: float, min_lr: float):

@@ -37,7 +37,9 @@ class Task(Protocol):
 
     Optional: ``batch_groups(dataset) -> list[int]``, a group per sample (e.g. its aspect ratio),
     which the engine then batches together; ``find_unused_parameters = True`` when some parameters
-    may get no gradient in a step (DDP must be told).
+    may get no gradient in a step (DDP must be told); ``checkpoint_metadata() -> dict[str, str] |
+    None``, header strings of the run's checkpoints (a classifier's class names), which the engine
+    writes into a sharded checkpoint's header as the task's ``export`` does into its file.
     """
 
     name: ClassVar[str]

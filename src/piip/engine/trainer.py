@@ -12,10 +12,13 @@ transforms. A checkpoint records the epoch and the micro-batches already consume
 ``--resume`` skips exactly those batches, so a killed and resumed run reproduces the uninterrupted
 run step for step (exactly with ``num_workers=0``; with worker processes, random per-sample
 augmentations are re-seeded differently after a resume).
+
+Distribution (``run.strategy``: ddp, zero1 or fsdp) is decided in one place,
+:mod:`piip.engine.strategy`: the loop asks its strategy to wrap the model, build the optimiser,
+run a micro-batch, clip, say what a checkpoint holds and gather the model for export.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -29,13 +32,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import distributed as D
-from .checkpoint import check_training_state, latest_checkpoint, load_training_checkpoint, rng_state, set_rng_state
+from .checkpoint import (check_training_state, latest_checkpoint, load_sharded_tensors, load_training_checkpoint,
+                         rng_state, set_rng_state)
 from ..ops import onednn_linears_enabled, use_onednn_linears
 from ..precision import autocast, autocast_dtype
 from .config import TrainConfig
 from .hooks import BestMetric, Checkpointer, Evaluator, Hook, MetricsLogger
-from .optim import build_optimizer, build_scheduler, total_steps
+from .optim import build_scheduler, total_steps
 from .sampling import SkipBatchSampler, training_batches
+from .strategy import make_strategy
 from .task import get_task_class
 
 __all__ = ["train", "build_task", "TrainLoop"]
@@ -55,11 +60,6 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _bare(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
-
-
 def _resume_state(resume: str | bool | None, checkpoint_dir: Path) -> dict[str, Any] | None:
     """The training checkpoint ``resume`` names (see :func:`train`), read and checked; ``None`` for
     a fresh start."""
@@ -72,13 +72,14 @@ def _resume_state(resume: str | bool | None, checkpoint_dir: Path) -> dict[str, 
 # -- the loop ------------------------------------------------------------------------------------
 class TrainLoop:
     """A run's training state and its loop, after detectron2's ``SimpleTrainer``: the data order,
-    the model (``train_model``: wrapped in DDP across processes, compiled when ``run.compile``),
-    optimiser, schedule, GradScaler and EMA, and the optimiser steps. Its hooks
-    (:mod:`piip.engine.hooks`) do everything else.
+    the model (``model``; ``train_model``: what the steps run, wrapped by the run's ``strategy``
+    across processes and compiled when ``run.compile``), optimiser, schedule, GradScaler and EMA,
+    and the optimiser steps. Its hooks (:mod:`piip.engine.hooks`) do everything else.
 
     What a checkpoint records: ``epoch`` (completed epochs), ``micro_in_epoch`` (micro-batches of
     the current epoch consumed), ``step`` (optimiser steps done), ``best`` (the best evaluation
-    score), ``train_time_s``. After each step: ``loss`` (its mean over ranks), ``step_images``
+    score), ``train_time_s``. After each step: ``loss`` (its mean over ranks), ``grad_norm`` (the
+    gradients' total norm before clipping; ``None`` without ``optim.clip_grad``), ``step_images``
     (the images it took, all ranks together) and ``step_losses`` ({step: loss} of the steps run here).
     """
 
@@ -91,17 +92,21 @@ class TrainLoop:
         self.is_main = self.rank == 0
         self.epoch, self.micro_in_epoch, self.step, self.best, self.train_time_s = 0, 0, 0, None, 0.0
         self.loss: float | None = None
+        self.grad_norm: float | None = None
         self.step_images = 0
         self.step_losses: dict[int, float] = {}
         self.halted = False
         self.hooks: list[Hook] = []
+        self.strategy = make_strategy(cfg.run, self.world, self.device,
+                                      find_unused_parameters=getattr(task, "find_unused_parameters", False))
+        if state is not None:  # before anything is built: a checkpoint of another strategy or world size
+            self.strategy.check_resume(state)
         self._build_data(train_dataset)
         self._build_model(train_dataset)
         if state is not None:
             self.load_state_dict(state)
         else:
             _seed_all(cfg.run.seed + self.rank)
-        self.train_model = self._wrap(self.model)
         self.last_step = total_steps(cfg.optim, self.steps_per_epoch)
         self.num_epochs = math.ceil(self.last_step / self.steps_per_epoch)
 
@@ -128,8 +133,8 @@ class TrainLoop:
                              f"batch ({o.batch_size})")
 
     def _build_model(self, dataset: Dataset) -> None:
-        """The model, optimiser, schedule, GradScaler and EMA (same seed on every rank for the
-        initialisation)."""
+        """The model (same seed on every rank for the initialisation), EMA, the model the steps run
+        (the strategy's wrapper, compiled when ``run.compile``), optimiser, schedule and GradScaler."""
         cfg = self.cfg
         _seed_all(cfg.run.seed)
         model = self.task.build_model(cfg, dataset).to(self.device)
@@ -143,53 +148,56 @@ class TrainLoop:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if cfg.run.grad_checkpointing:
             model.set_grad_checkpointing(True)
-        self.model = model
-        self.optimizer = build_optimizer(model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps_per_epoch)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.run.amp == "fp16")
         self.ema = None
         if cfg.run.ema_decay is not None:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(model, decay=cfg.run.ema_decay)
-
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        """What the steps run: ``model`` in DDP across processes, compiled when ``run.compile``."""
-        if self.world > 1:
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=getattr(self.task, "find_unused_parameters", False))
-        if self.cfg.run.compile:
-            model = torch.compile(model)
-        return model
+        self.model = model
+        self.train_model = self.strategy.wrap(model)  # fsdp shards ``model`` in place
+        if cfg.run.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.optimizer = self.strategy.build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.run.amp == "fp16")
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint holds. Under DDP every rank must call it: it gathers their RNG states."""
+        """What a checkpoint holds (of the model and optimiser, what the strategy says: under zero1
+        and fsdp this process's shards). Across processes every rank must call it: it gathers their
+        RNG states."""
         rngs = [rng_state()]
         if self.world > 1:
             rngs = [None] * self.world
             torch.distributed.all_gather_object(rngs, rng_state())
-        return {
-            "model": _bare(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+        model_state, optimizer_state = self.strategy.state(self.model, self.optimizer)
+        state = {
+            "model": model_state, "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None, "rng": rngs,
             "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch, "step": self.step, "best": self.best,
             "train_time_s": self.train_time_s,
             "world_size": self.world, "config": self.cfg.to_dict(),
         }
+        if self.strategy.sharded:
+            state["strategy"] = self.strategy.name
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a checkpoint written by as many processes: the model, optimiser, schedule,
-        scaler, EMA, the position in the data and this rank's RNG states."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Continue from a checkpoint written under the same strategy by as many processes: the
+        model, optimiser, schedule, scaler, EMA, the position in the data and this rank's RNG
+        states. A sharded checkpoint's tensors (``state`` holds its ``state.pt``) are read here,
+        every process its own."""
+        self.strategy.check_resume(state)
+        if self.strategy.sharded:
+            model_state, optimizer_state = self.strategy.state(self.model, self.optimizer, template=True)
+            has_ema = self.ema is not None and state.get("ema") is not None
+            state = load_sharded_tensors(state, {"model": model_state, "optimizer": optimizer_state,
+                                                 "ema": self.ema.state_dict() if has_ema else None})
+        self.strategy.load_state(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
-        if state["world_size"] != self.world:
-            raise ValueError(f"checkpoint was written by {state['world_size']} processes; resume with the "
-                             f"same world size (got {self.world}) for an exact continuation")
         self.epoch, self.micro_in_epoch, self.step = state["epoch"], state["micro_in_epoch"], state["step"]
         self.best, self.train_time_s = state.get("best"), state.get("train_time_s", 0.0)
         set_rng_state(state["rng"][self.rank])
@@ -242,7 +250,7 @@ class TrainLoop:
         self.micro_in_epoch += o.accum_steps
         if o.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip_grad)
+            self.grad_norm = float(self.strategy.clip_grad_norm(self.model, o.clip_grad))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -257,15 +265,13 @@ class TrainLoop:
             raise FloatingPointError(f"loss is {self.loss} at step {self.step}")
 
     def _forward_backward(self, batches: Iterator) -> list[torch.Tensor]:
-        """The summed gradients of ``optim.accum_steps`` micro-batches (under DDP only the last one
-        all-reduces); their losses. Sets ``step_images``."""
+        """The summed gradients of ``optim.accum_steps`` micro-batches (synchronised as the strategy
+        says: under DDP only the last one all-reduces); their losses. Sets ``step_images``."""
         accum = self.cfg.optim.accum_steps
-        ddp = isinstance(self.train_model, nn.parallel.DistributedDataParallel)
         losses, self.step_images = [], 0
         for index in range(accum):
             batch = next(batches)
-            sync = self.world == 1 or index == accum - 1 or not ddp
-            with (contextlib.nullcontext() if sync else self.train_model.no_sync()):
+            with self.strategy.micro_batch(self.train_model, last=index == accum - 1):
                 with autocast(self.device.type, self.amp_dtype):
                     loss, images = self.task.loss(self.train_model, batch, self.device)
                 self.scaler.scale(loss / accum).backward()
@@ -283,14 +289,16 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
         train_dataset, val_dataset: datasets to use instead of the task's ``build_datasets(cfg)``
             (items as the task's ``collate`` expects).
         resume: ``True``/``"auto"`` (the ``latest`` checkpoint of ``cfg.run.out_dir``; a fresh start
-            when there is none) or a checkpoint file / folder.
+            when there is none) or a checkpoint: a ``step-*.pt`` file, a sharded ``step-*`` folder
+            (zero1, fsdp; resumed under the same strategy and world size only) or a run folder.
         task: a task object (default: the task registered as ``cfg.task``).
 
     Summary keys: ``step`` (optimiser steps done), ``epoch``, ``step_losses`` ({step: mean loss over
     ranks} of the steps run by this call), ``eval`` (last evaluation), ``best``, ``train_time_s``
     (seconds spent in optimiser steps, data loading included, evaluation and checkpoint writes
     excluded; summed over resumes), ``images_seen``, ``halted``,
-    ``out_dir``, ``checkpoint`` (last written), ``model_path`` (final safetensors export).
+    ``out_dir``, ``checkpoint`` (the last step checkpoint written: a file, or a folder under zero1 and
+    fsdp), ``model_path`` (final safetensors export, of the whole model under every strategy).
     """
     info = D.init_distributed(cfg.run.device)
     out_dir = Path(cfg.run.out_dir)
@@ -328,10 +336,12 @@ def train(cfg: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset
 
 def _export(loop: TrainLoop, out_dir: Path) -> str | None:
     """The final safetensors files, from the main process (the model's path; ``None`` elsewhere):
-    the model, and its EMA when the run keeps one."""
+    the model (gathered whole by the strategy: every process takes part), and its EMA when the run
+    keeps one."""
+    model = loop.strategy.full_model(loop.model)
     if not loop.is_main:
         return None
-    model_path = loop.task.export(_bare(loop.model), str(out_dir / "model.safetensors"))
+    model_path = loop.task.export(model, str(out_dir / "model.safetensors"))
     if loop.ema is not None:
         loop.task.export(loop.ema.module, str(out_dir / "model_ema.safetensors"))
     return model_path

@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, RmsNormFp32
 from timm.layers.attention import Attention
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config.model import BranchConfig
 
-__all__ = ["ViTBranch", "FullWidthQKNormAttention", "window_attention", "window_attention_after_qkv"]
+__all__ = ["ViTBranch", "BranchBlock", "FullWidthQKNormAttention", "window_attention", "window_attention_after_qkv"]
 
 
 class FullWidthQKNormAttention(Attention):
@@ -117,6 +117,24 @@ _NORMS = {
     "layernorm": partial(nn.LayerNorm, eps=1e-6),
     "rmsnorm": partial(RmsNormFp32, eps=1e-6),
 }
+
+
+class BranchBlock(Block):
+    """timm's ViT block (same submodules and names) run on a token grid: ``forward(x, hw)`` with
+    global attention, or windowed attention when ``window`` is set (``window_attention``: the
+    branch's padding rule). A block is one module call, so per-block wrappers see it:
+    activation checkpointing recomputes it, FSDP gathers and frees its parameters around it."""
+
+    window: int | None = None
+    window_attention = staticmethod(window_attention)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        y = self.norm1(x)
+        y = self.attn(y) if self.window is None else self.window_attention(self.attn, y, hw, self.window)
+        x = x + self.drop_path1(self.ls1(y))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
 _ACTS = {"gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh")}
 
 
@@ -137,8 +155,6 @@ class ViTBranch(nn.Module):
         self.config = config
         self.patch_size = config.patch_size
         self.window_sizes = config.window_sizes
-        self._window_attention = (window_attention_after_qkv if config.window_padding == "after_qkv"
-                                  else window_attention)
         self.grad_checkpointing = False
         norm_layer = _NORMS[config.norm_layer]
         vit = VisionTransformer(
@@ -162,6 +178,7 @@ class ViTBranch(nn.Module):
             attn_layer=FullWidthQKNormAttention if config.qk_norm else Attention,
             final_norm=num_classes > 0,
             fc_norm=pool == "avg",
+            block_fn=BranchBlock,
         )
         self.patch_embed = vit.patch_embed
         self.cls_token = vit.cls_token
@@ -173,9 +190,11 @@ class ViTBranch(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.pos_embed_prefix + grid * grid, config.embed_dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.blocks = vit.blocks
-        for block, rate in zip(self.blocks, config.drop_path_rates()):
+        attend = window_attention_after_qkv if config.window_padding == "after_qkv" else window_attention
+        for block, rate, window in zip(self.blocks, config.drop_path_rates(), self.window_sizes):
             block.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
             block.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
+            block.window, block.window_attention = window, attend
         if num_classes > 0:
             self.pool = pool
             self.norm = vit.norm
@@ -232,24 +251,14 @@ class ViTBranch(nn.Module):
         return x, (H, W)
 
     # -- blocks --------------------------------------------------------------------------------
-    def _block(self, index: int, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        block = self.blocks[index]
-        y = block.norm1(x)
-        window = self.window_sizes[index]
-        if window is not None:
-            y = self._window_attention(block.attn, y, hw, window)
-        else:
-            y = block.attn(y)
-        x = x + block.drop_path1(block.ls1(y))
-        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-
     def forward_blocks(self, x: torch.Tensor, hw: tuple[int, int], start: int, end: int) -> torch.Tensor:
         """Run blocks ``start..end`` (inclusive) on the full token sequence."""
         for index in range(start, end + 1):
+            block = self.blocks[index]
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(self._block, index, x, hw, use_reentrant=False)
+                x = checkpoint(block, x, hw, use_reentrant=False)
             else:
-                x = self._block(index, x, hw)
+                x = block(x, hw)
         return x
 
     # -- head ----------------------------------------------------------------------------------

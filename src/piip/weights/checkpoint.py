@@ -13,6 +13,10 @@ Layout of a file written by :func:`save_checkpoint`:
   ``extra_prefixes`` (JSON list) and any caller-supplied provenance strings. Files of format
   version 1 (no ``model`` key) hold a PIIP.
 
+The same header, as ``piip.json``, makes a sharded checkpoint folder of ``piip train``
+(``run.strategy=zero1`` or ``fsdp``; :mod:`piip.weights.sharded`) a piip checkpoint too:
+:func:`read_checkpoint` and :func:`load_checkpoint` (``piip.load``) take either.
+
 :func:`load_checkpoint` rebuilds the model from the stored config and loads it strictly. Errors say what is wrong: an unreadable (corrupt or truncated) file, a file that is not
 a piip checkpoint, a checkpoint of another variant (the first key whose shape differs, with both
 shapes), and missing or unexpected keys (listed, never silently dropped).
@@ -34,6 +38,8 @@ from .io import atomic_path
 __all__ = [
     "CheckpointError",
     "save_checkpoint",
+    "checkpoint_header",
+    "model_from_config",
     "load_checkpoint",
     "read_checkpoint",
     "check_state_dict",
@@ -170,6 +176,33 @@ def _contiguous_unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
+def checkpoint_header(model: nn.Module, metadata: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The header of a piip checkpoint of ``model`` (its format, kind and config, and the caller's
+    ``metadata`` strings): a ``.safetensors`` file's metadata (:func:`save_checkpoint`), a sharded
+    checkpoint folder's ``piip.json`` (:mod:`piip.weights.sharded`). A :class:`TypeError` for a model
+    of no registered kind, a :class:`ValueError` for reserved ``metadata`` keys."""
+    config = getattr(model, "config", None)
+    kind = model_kind(config)
+    if kind is None:
+        raise TypeError(f"save_checkpoint needs a piip model with its config (a PIIP, a detector, ...), got "
+                        f"{type(model).__name__} with config {type(config).__name__}")
+    header = {str(k): str(v) for k, v in (metadata or {}).items()}
+    reserved = sorted(set(header) & set(_RESERVED_META))
+    if reserved:
+        raise ValueError(f"metadata keys {reserved} are reserved by the piip format")
+    header.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "piip_version": __version__,
+                   "model": kind, "config": config.to_json(), "extra_prefixes": "[]"})
+    return header
+
+
+def model_from_config(config: Any) -> nn.Module:
+    """The untrained model of a registered kind's ``config`` (the builder its kind registered)."""
+    kind = model_kind(config)
+    if kind is None:
+        raise TypeError(f"{type(config).__name__} is not the config of a registered kind of piip model")
+    return _MODEL_KINDS[kind][1](config)
+
+
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, extra: Mapping[str, Any] | None = None,
                     metadata: Mapping[str, str] | None = None) -> str:
     """Write ``model`` (its config and weights) and optional ``extra`` tensors to a safetensors file,
@@ -188,11 +221,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, extra: Mapping[st
     """
     from safetensors.torch import save_file
 
-    config = getattr(model, "config", None)
-    kind = model_kind(config)
-    if kind is None:
-        raise TypeError(f"save_checkpoint needs a piip model with its config (a PIIP, a detector, ...), got "
-                        f"{type(model).__name__} with config {type(config).__name__}")
+    header = checkpoint_header(model, metadata)
     state = dict(model.state_dict())
     extra_flat = _flatten_extra(extra)
     extra_prefixes = sorted({k.split(".", 1)[0] for k in extra_flat})
@@ -200,18 +229,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, extra: Mapping[st
     if clash:
         raise ValueError(f"extra prefixes {clash} collide with the model's own keys; rename them")
     tensors = _contiguous_unshared({**state, **extra_flat})
-    header = {str(k): str(v) for k, v in (metadata or {}).items()}
-    reserved = sorted(set(header) & set(_RESERVED_META))
-    if reserved:
-        raise ValueError(f"metadata keys {reserved} are reserved by the piip format")
-    header.update({
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "piip_version": __version__,
-        "model": kind,
-        "config": config.to_json(),
-        "extra_prefixes": json.dumps(extra_prefixes),
-    })
+    header["extra_prefixes"] = json.dumps(extra_prefixes)
     path = os.fspath(path)
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=header)
@@ -222,38 +240,27 @@ def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
                     tensors: bool = True) -> dict[str, Any]:
     """Read a piip checkpoint without building the model.
 
+    ``path``: a ``.safetensors`` file, or a sharded checkpoint folder (a ``step-*`` folder that
+    ``piip train`` writes under ``run.strategy=zero1`` or ``fsdp``; its shards are consolidated
+    into the whole model's tensors, see :mod:`piip.weights.sharded`).
+
     Returns a dict with ``kind`` (``"piip"``, ``"detector"``, ...), ``config`` (that model's
     config), ``state_dict`` (the model tensors), ``extra`` (``{prefix: {name: tensor}}``) and
     ``metadata`` (the raw header strings). ``tensors=False`` reads the header only (``state_dict``
     and ``extra`` empty): what a caller needs to know before it loads the model.
     """
-    from safetensors import safe_open
-
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
+        from .sharded import read_header, read_sharded_model
+
+        metadata = read_header(path)
+        kind, config = _check_header(metadata, path, "a sharded checkpoint folder")
+        stored = read_sharded_model(path, device) if tensors else {}
+    elif not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    try:
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            metadata = dict(f.metadata() or {})
-            stored = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
-    except Exception as err:  # safetensors raises its own SafetensorError / OSError types
-        size = os.path.getsize(path)
-        raise CheckpointError(
-            f"cannot read {path!r} ({size} bytes) as a safetensors file: it is corrupt or truncated "
-            f"({type(err).__name__}: {err})") from err
-    if metadata.get("format") != FORMAT_NAME or "config" not in metadata:
-        raise CheckpointError(
-            f"{path!r} is a safetensors file but not a piip checkpoint (no 'format: piip' and "
-            "'config' in its metadata); convert the authors' checkpoints with "
-            "piip.compat.original.convert_checkpoint or save with piip.weights.save_checkpoint")
-    kind = metadata.get("model", "piip")
-    if kind not in _MODEL_KINDS:
-        raise CheckpointError(f"{path!r} holds a model of kind {kind!r}, which this piip does not know "
-                              f"(known: {sorted(_MODEL_KINDS)}); it was written by piip {metadata.get('piip_version')}")
-    try:
-        config = _MODEL_KINDS[kind][0].from_dict(json.loads(metadata["config"]))
-    except Exception as err:
-        raise CheckpointError(f"{path!r} holds an invalid piip config: {err}") from err
+    else:
+        metadata, stored = _read_safetensors(path, device, tensors)
+        kind, config = _check_header(metadata, path, "a safetensors file")
     extra_prefixes = set(json.loads(metadata.get("extra_prefixes", "[]")))
     state, extra = {}, {}
     for key, tensor in stored.items():
@@ -265,12 +272,46 @@ def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     return {"kind": kind, "config": config, "state_dict": state, "extra": extra, "metadata": metadata}
 
 
+def _read_safetensors(path: str, device: str | torch.device, tensors: bool
+                      ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The header strings and (with ``tensors``) the tensors of a safetensors file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            return dict(f.metadata() or {}), ({k: f.get_tensor(k) for k in f.keys()} if tensors else {})
+    except Exception as err:  # safetensors raises its own SafetensorError / OSError types
+        size = os.path.getsize(path)
+        raise CheckpointError(
+            f"cannot read {path!r} ({size} bytes) as a safetensors file: it is corrupt or truncated "
+            f"({type(err).__name__}: {err})") from err
+
+
+def _check_header(metadata: Mapping[str, str], path: str, what: str) -> tuple[str, Any]:
+    """The model kind and config a piip header names (a :class:`CheckpointError` naming ``path``,
+    ``what`` it is, for a header that is not piip's, of an unknown kind or with an invalid config)."""
+    if metadata.get("format") != FORMAT_NAME or "config" not in metadata:
+        raise CheckpointError(
+            f"{path!r} is {what} but not a piip checkpoint (no 'format: piip' and "
+            "'config' in its metadata); convert the authors' checkpoints with "
+            "piip.compat.original.convert_checkpoint or save with piip.weights.save_checkpoint")
+    kind = metadata.get("model", "piip")
+    if kind not in _MODEL_KINDS:
+        raise CheckpointError(f"{path!r} holds a model of kind {kind!r}, which this piip does not know "
+                              f"(known: {sorted(_MODEL_KINDS)}); it was written by piip {metadata.get('piip_version')}")
+    try:
+        return kind, _MODEL_KINDS[kind][0].from_dict(json.loads(metadata["config"]))
+    except Exception as err:
+        raise CheckpointError(f"{path!r} holds an invalid piip config: {err}") from err
+
+
 def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, *,
                     device: str | torch.device = "cpu", return_extra: bool = False):
     """Load a piip checkpoint: a backbone or classifier (:class:`PIIP`), a detector, ...
 
     Args:
-        path: a file written by :func:`save_checkpoint` (or ``piip convert``, ``piip train``).
+        path: a file written by :func:`save_checkpoint` (or ``piip convert``, ``piip train``), or a
+            sharded checkpoint folder of ``piip train`` (``run.strategy=zero1`` or ``fsdp``).
         model: load into this model instead of building one from the stored config; the shapes
             must match (the error names the first mismatching key and both shapes).
         device: where the tensors are read to.

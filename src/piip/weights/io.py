@@ -23,7 +23,7 @@ import torch
 
 from .errors import CheckpointError
 
-__all__ = ["OpaqueObject", "read_torch_file", "unwrap_state_dict", "STATE_DICT_CONTAINERS", "atomic_path",
+__all__ = ["OpaqueObject", "read_torch_file", "unwrap_state_dict", "STATE_DICT_CONTAINERS", "atomic_path", "fsync_dir",
            "atomic_write"]
 
 #: Keys under which checkpoints nest their state dict, in the order they are looked for:
@@ -170,7 +170,8 @@ def unwrap_state_dict(obj: Any, *, use_ema: bool = False) -> tuple[dict[str, tor
     return tensors, meta
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """fsync a folder (its entries: a rename into it is durable); a no-op where folders cannot be opened."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # e.g. Windows
@@ -201,7 +202,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write(path: str | os.PathLike, mode: str, write: Callable[[Any], None]) -> Path:

@@ -81,10 +81,14 @@ class ClassificationTask(BaseTask, name="cls", data_config=DataConfig, metric="t
         return {"top1": float(m.top1), "top5": float(m.top5), "loss": float(m.loss),
                 "num_samples": int(m.num_samples)}
 
+    def checkpoint_metadata(self) -> dict[str, str] | None:
+        """The header strings of the classifier's checkpoints: its class names (``piip predict``
+        shows them)."""
+        return {"class_names": json.dumps(self.class_names)} if self.class_names else None
+
     def export(self, model: nn.Module, path: str) -> str:
-        """The classifier, with its class names in the header (``piip predict`` shows them)."""
-        names = {"class_names": json.dumps(self.class_names)} if self.class_names else None
-        return save_checkpoint(model, path, metadata=names)
+        """The classifier, with its class names in the header."""
+        return save_checkpoint(model, path, metadata=self.checkpoint_metadata())
 
     @staticmethod
     def owns(model: nn.Module) -> bool:
