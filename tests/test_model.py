@@ -369,3 +369,18 @@ def test_meta_device_build_costs_no_memory():
     assert n > 6e9 and all(p.is_meta for p in model.parameters())
     assert grown_mb < 500, f"meta build grew RSS by {grown_mb:.0f} MiB"
 
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+def test_torch_compile_sees_the_backbone_as_one_graph(onednn):
+    """No graph break in a PIIP forward (inference at a resized position embedding, the case of the
+    cache, and with either dense-layer route): a break splits the model into frames that dynamo
+    recompiles per branch shape until it gives up and runs them eagerly."""
+    from piip.ops import use_onednn_linears
+
+    model = use_onednn_linears(piip.create_model(tiny_config(task="det")).eval(), onednn)
+    size = model.config.input_size
+    x = torch.randn(1, 3, size + 32, size + 32)  # not the stored grid: the position embedding is resized
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

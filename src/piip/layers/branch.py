@@ -220,7 +220,10 @@ class ViTBranch(nn.Module):
         # exporting or tracing: the traced tensors have no data pointer (torch.export), and a cached
         # tensor would enter the graph as a constant of the example input's grid (the graph must
         # resize the parameter itself, for other input sizes and for the parameter's own name).
-        cacheable = not (torch.is_grad_enabled() and self.pos_embed.requires_grad or exporting)
+        # Nor under torch.compile: the data pointer and the dict would break the graph into pieces
+        # (recompiled per branch until dynamo gives up); in the graph the resize is one small kernel.
+        cacheable = not (torch.is_grad_enabled() and self.pos_embed.requires_grad or exporting
+                         or torch.compiler.is_compiling())
         if not cacheable:
             return self._resize_pos(pos, hw)
         key = (tuple(hw), self.pos_embed._version, self.pos_embed.device, self.pos_embed.data_ptr())

@@ -94,7 +94,9 @@ _process_setting: bool | None = None
 
 
 def _onednn_pays(x: Tensor, weight: Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    # Compiled, the compiler picks the matmul's route (and dynamo cannot trace mkldnn.is_available:
+    # each linear would become a graph of its own, recompiled per shape until dynamo gives up).
+    return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")
             and x.numel() * weight.shape[0] >= MIN_MACS)
 
