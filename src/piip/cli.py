@@ -89,7 +89,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if args.detector is not None and args.task != "det":
         raise ValueError(f"--detector needs --task det (a dense backbone), got --task {args.task}")
     common = dict(batch=args.batch, repeat=args.repeat, warmup=args.warmup, device=args.device,
-                  tune_malloc=not args.no_tune_malloc, train=args.train, detector=args.detector)
+                  tune_malloc=not args.no_tune_malloc, train=args.train, detector=args.detector,
+                  compile=args.compile)
     with console.status(f"benchmarking {args.name} ({args.dtype}) ..."):
         model = benchmark(args.name, dtype=args.dtype, **common, **_overrides(args))
     baseline_overrides = {"task": args.task}
@@ -353,6 +354,8 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--detector", metavar="KIND",
                    help="the detector kind around each dense backbone: mask_rcnn (the --train default), "
                         "cascade_mask_rcnn or dino; without --train, one inference of the whole detector")
+    p.add_argument("--compile", action="store_true",
+                   help="run both backbones under torch.compile (compiled in the warm-up, not timed)")
     p.add_argument("--no-tune-malloc", action="store_true",
                    help="measure memory: glibc maps every block over 128 KiB alone and returns it at free, so "
                         "the resident set follows the live tensors (see piip.analysis.bench)")

@@ -38,7 +38,7 @@ from ..tasks.detection import build_detector
 from ..tasks.detection.model import detector_kind
 from .actual_flops import actual_complexity
 
-__all__ = ["BenchResult", "benchmark", "compare", "time_forward"]
+__all__ = ["BenchResult", "benchmark", "measure", "compare", "time_forward"]
 
 #: glibc malloc settings read at process start: no mmap for large blocks, no trimming.
 CPU_MALLOC_TUNING = {
@@ -68,6 +68,7 @@ class BenchResult:
     malloc_tuned: bool = False
     mode: str = "forward"  # or "train": one AdamW step of the whole model (see module doc)
     detector: str | None = None  # the detector kind around a dense backbone, when one was measured
+    compiled: bool = False  # the backbone ran under torch.compile (the compilation itself is not timed)
     output: torch.Tensor | None = None  # the stride-16 map (det) or the logits (cls), float32
 
 
@@ -173,7 +174,8 @@ def _training_step(name: str, overrides: dict, dtype: str, batch: int, device: s
 
 
 def _measure(name: str, overrides: dict, dtype: str, batch: int, repeat: int, warmup: int,
-             device: str, threads: int | None, train: bool = False, detector: str | None = None) -> dict:
+             device: str, threads: int | None, train: bool = False, detector: str | None = None,
+             compile: bool = False) -> dict:
     torch.manual_seed(0)  # same weights and images in every process: outputs are comparable
 
     if threads:
@@ -208,6 +210,10 @@ def _measure(name: str, overrides: dict, dtype: str, batch: int, repeat: int, wa
         size = (config.input_size, config.input_size)
         images = torch.randn(batch, 3, *size, device=device)
         autocast = precision.autocast(device.split(":")[0], precision.autocast_dtype(dtype))
+        backbone = model
+    if compile:  # in place, so the detector around it runs the compiled forward; warm-up compiles
+        backbone.compile()
+        warmup = max(warmup, 1)
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
         rss_passes = torch.cuda.memory_allocated() / 2**20
@@ -228,12 +234,40 @@ def _measure(name: str, overrides: dict, dtype: str, batch: int, repeat: int, wa
         latency_ms=statistics.median(latencies), latencies_ms=tuple(latencies),
         peak_memory_mb=peak - rss_before, activation_memory_mb=peak - rss_passes, device=device,
         mode="train" if train else "forward", detector=(detector or "mask_rcnn") if train and config.task == "det"
-        else detector, output=out))
+        else detector, compiled=compile, output=out))
+
+
+def _check_request(dtype: str, batch: int, repeat: int, warmup: int, detector: str | None,
+                   overrides: dict) -> None:
+    """Refuse a request before any work: an unknown dtype or detector, counts out of range."""
+    precision.autocast_dtype(dtype)
+    if batch < 1 or repeat < 1 or warmup < 0:
+        raise ValueError("batch and repeat must be >= 1 and warmup >= 0")
+    if detector is not None:
+        detector_kind(detector, "detector")
+        if overrides.get("task", "det") != "det":
+            raise ValueError(f"a detector needs a dense backbone (task 'det'), got task {overrides['task']!r}")
+
+
+def _result(data: dict) -> BenchResult:
+    data["input_size"] = tuple(data["input_size"])
+    data["latencies_ms"] = tuple(data["latencies_ms"])
+    return BenchResult(**data)
+
+
+def measure(name: str, *, dtype: str = "fp32", batch: int = 1, repeat: int = 3, warmup: int = 1,
+            device: str = "cpu", train: bool = False, detector: str | None = None, compile: bool = False,
+            **overrides) -> BenchResult:
+    """:func:`benchmark` in this process: what a GPU measurement wants (``torch.cuda`` counts the
+    peak by itself, and one process saves a CUDA start per model). On CPU the peak memory is this
+    process's resident peak, which earlier work in the process inflates: prefer :func:`benchmark`."""
+    _check_request(dtype, batch, repeat, warmup, detector, overrides)
+    return _result(_measure(name, overrides, dtype, batch, repeat, warmup, device, None, train, detector, compile))
 
 
 def benchmark(name: str, *, dtype: str = "fp32", batch: int = 1, repeat: int = 3, warmup: int = 1,
               device: str = "cpu", threads: int | None = None, tune_malloc: bool = True, train: bool = False,
-              detector: str | None = None,
+              detector: str | None = None, compile: bool = False,
               **overrides) -> BenchResult:
     """Measure variant ``name`` (with ``create_model`` overrides) in a fresh subprocess.
 
@@ -245,14 +279,10 @@ def benchmark(name: str, *, dtype: str = "fp32", batch: int = 1, repeat: int = 3
     ``detector``: the detector kind (:data:`~piip.tasks.detection.DETECTOR_KINDS`) trained, or
     without ``train`` run whole in evaluation mode (default: Mask R-CNN for a training step, the
     backbone alone for a forward).
+    ``compile``: run the backbone under ``torch.compile`` (compiled in the warm-up, which is then
+    at least one pass: the compilation is not timed).
     """
-    precision.autocast_dtype(dtype)  # an unknown name is refused before any work
-    if batch < 1 or repeat < 1 or warmup < 0:
-        raise ValueError("batch and repeat must be >= 1 and warmup >= 0")
-    if detector is not None:
-        detector_kind(detector, "detector")
-        if overrides.get("task", "det") != "det":
-            raise ValueError(f"a detector needs a dense backbone (task 'det'), got task {overrides['task']!r}")
+    _check_request(dtype, batch, repeat, warmup, detector, overrides)
     on_cpu = not device.startswith("cuda")
     environment = (CPU_MALLOC_TUNING if tune_malloc else CPU_MALLOC_EXACT) if on_cpu else {}
     ctx = mp.get_context("spawn")
@@ -264,7 +294,7 @@ def benchmark(name: str, *, dtype: str = "fp32", batch: int = 1, repeat: int = 3
         os.environ.update(environment)
         with ctx.Pool(1) as pool:
             data = pool.apply(_measure, (name, overrides, dtype, batch, repeat, warmup, device, threads, train,
-                                         detector))
+                                         detector, compile))
     finally:
         for key, value in saved.items():
             if value is None:
@@ -272,9 +302,7 @@ def benchmark(name: str, *, dtype: str = "fp32", batch: int = 1, repeat: int = 3
             else:
                 os.environ[key] = value
     data["malloc_tuned"] = environment is CPU_MALLOC_TUNING
-    data["input_size"] = tuple(data["input_size"])
-    data["latencies_ms"] = tuple(data["latencies_ms"])
-    return BenchResult(**data)
+    return _result(data)
 
 
 def compare(model: BenchResult, baseline: BenchResult) -> dict[str, float]:
