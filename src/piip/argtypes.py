@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["POSITIVE", "NON_NEGATIVE", "fraction", "device", "device_problem", "check_device", "DTYPES"]
+__all__ = ["POSITIVE", "NON_NEGATIVE", "POSITIVE_FLOAT", "fraction", "device", "device_problem", "check_device",
+           "DTYPES"]
 
 #: autocast dtypes by name: the keys of piip.precision.AUTOCAST_DTYPES (not imported here: it imports
 #: torch, which the parser does not need)
@@ -40,6 +41,8 @@ def fraction(low_open: bool):
 
 
 POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+#: a finite float > 0
+POSITIVE_FLOAT = _bounded(float, lambda value: 0 < value < float("inf"), "> 0")
 
 
 def device_problem(device: str) -> str | None:

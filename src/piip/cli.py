@@ -13,7 +13,7 @@ import warnings
 from rich.console import Console
 from rich.table import Table
 
-from .argtypes import DTYPES, NON_NEGATIVE, POSITIVE, check_device, device as _device, fraction
+from .argtypes import DTYPES, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, check_device, device as _device, fraction
 from .config.typed import read_yaml_value, split_override
 from .tasks import task_classes, task_names
 
@@ -123,6 +123,26 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if "output_rel_error" in ratios:
         console.print(f"output relative L2 error vs baseline: {ratios['output_rel_error']:.2e}; "
                       f"speed-up {ratios['speedup']:.2f}x")
+
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from .analysis.memory_plan import plan_memory
+
+    with console.status(f"measuring {args.source}'s activations ..."):
+        plan = plan_memory(args.source, task=args.task, gpus=args.gpus, gpu_memory_gb=args.gpu_memory,
+                           batch_per_gpu=args.batch_per_gpu, amp=args.amp)
+    if args.json:
+        print(json.dumps(plan.to_dict(), default=str))
+        return
+    table = Table(title=f"per-GPU memory (GB) of training {plan.model} on {plan.gpus} x {plan.gpu_memory_gb:g} GB")
+    table.add_column("")
+    for s in plan.strategies:
+        table.add_column(s.strategy, justify="right")
+    for label, values in plan.rows():
+        table.add_row(label, *(f"{v / 1e9:.2f}" if isinstance(v, int) else v for v in values))
+    console.print(table)
+    for line in plan.summary():
+        console.print(line, highlight=False, markup=False)
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
@@ -323,7 +343,8 @@ def _add_eval_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_commands(sub) -> None:
-    """`piip` subcommands: list, flops and bench: the registered variants, their counts and speed."""
+    """`piip` subcommands: list, flops, bench and plan: the registered variants, their counts, speed
+    and training memory."""
     p = sub.add_parser("list", help="list registered variants")
     p.add_argument("pattern", nargs="?", default="*")
     p.set_defaults(func=_cmd_list)
@@ -361,6 +382,19 @@ def _add_model_commands(sub) -> None:
                         "the resident set follows the live tensors (see piip.analysis.bench)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("plan", help="per-GPU memory of training a variant or recipe with ddp, zero1 or fsdp: "
+                                    "does it fit?")
+    p.add_argument("source", help="a registered variant (its first shipped recipe for --task) or a recipe "
+                                  "(shipped name or JSON/YAML file)")
+    p.add_argument("--task", choices=("det", "seg", "cls"), help="default: the recipe's; det for a variant")
+    p.add_argument("--gpus", type=POSITIVE, default=8)
+    p.add_argument("--gpu-memory", type=POSITIVE_FLOAT, default=80.0, metavar="GB", help="per GPU, 10^9 bytes")
+    p.add_argument("--batch-per-gpu", type=POSITIVE, metavar="B",
+                   help="images per GPU (default: the recipe's global batch over the GPUs)")
+    p.add_argument("--amp", choices=("bf16", "fp32"), help="the backbone's precision (default: the recipe's; bf16 without one)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_plan)
 
 
 def _add_convert_and_demo(sub) -> None:
