@@ -167,6 +167,7 @@ def test_piip_plan_table(capsys, monkeypatch):
 @pytest.mark.parametrize("argv,names", [
     (["plan", "piip_tbs"], ["unknown PIIP variant", "did you mean 'piip_tsb'", "recipe"]),
     (["plan", "null"], ["'null'"]),
+    (["plan", "runs/missing.yaml"], ["recipe file 'runs/missing.yaml' does not exist"]),
     (["plan", "fashion_mnist", "--task", "det"], ["fashion_mnist", "'cls'", "'det'"]),
 ])
 def test_bad_sources_are_one_line(capsys, argv, names):

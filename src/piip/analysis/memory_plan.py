@@ -273,6 +273,8 @@ def _resolve_source(source: str, task: str | None) -> tuple[TrainConfig, str | N
         try:
             path = resolve_config_path(source)
         except (FileNotFoundError, ValueError):
+            if source.endswith((".json", ".yaml", ".yml")) or "/" in source:
+                raise ValueError(f"recipe file {source!r} does not exist") from None
             try:
                 resolve_name(source)  # the closest variant names
             except ValueError as err:
