@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistInfo", "init_distributed", "is_dist", "is_main", "rank", "world_size", "barrier",
-           "all_reduce_mean", "broadcast_object", "gather_objects", "cleanup"]
+           "all_reduce_mean", "broadcast_object", "gather_objects", "cleanup", "bare_model"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,14 @@ def gather_objects(items: list) -> list:
     boxes = [None] * dist.get_world_size()
     dist.all_gather_object(boxes, list(items))
     return [item for box in boxes for item in box]
+
+
+def bare_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside its ``torch.compile`` and DDP wrappers, whichever wraps the other (an FSDP
+    model is its own bare model)."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
 
 
 def cleanup() -> None:

@@ -23,7 +23,7 @@ from . import distributed as D
 from ..weights.checkpoint import checkpoint_header, model_kind
 from .checkpoint import atomic_torch_save, save_sharded_checkpoint, save_training_checkpoint
 from .sampling import ShardSampler
-from .strategy import bare_model
+from .distributed import bare_model
 
 __all__ = ["Hook", "MetricsLogger", "Evaluator", "BestMetric", "Checkpointer"]
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..models.piip import PIIP
+from .distributed import bare_model
 
 __all__ = ["ParamRule", "param_rules", "build_param_groups", "optimizer_spec", "build_optimizer", "cosine_lambda",
            "step_lambda", "poly_lambda", "build_scheduler", "total_steps", "layer_ids"]
@@ -67,7 +68,7 @@ def layer_ids(model: nn.Module, num_layers: float | None = None,
             raise ValueError(f"layer_decay_skip needs {len(depths) - 1} values (branches 2..), got {list(skip)}")
     total = num_layers + 2
     ids = {}
-    for name, _ in _bare(model).named_parameters():
+    for name, _ in bare_model(model).named_parameters():
         m = _BRANCH_RE.search(name)
         if m is None:
             ids[name] = total - 1
@@ -82,17 +83,12 @@ def layer_ids(model: nn.Module, num_layers: float | None = None,
     return ids, total
 
 
-def _bare(model: nn.Module) -> nn.Module:
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
 def param_rules(model: nn.Module, *, weight_decay: float, new_module_lr_mult: float = 1.0,
                 layer_decay: float | None = None, layer_decay_num_layers: float | None = None,
                 layer_decay_skip: Sequence[float] | None = None,
                 decay_exempt_by_name: bool = True) -> dict[str, ParamRule]:
     """The lr scale and weight decay of every trainable parameter, by name."""
-    bare = _bare(model)
+    bare = bare_model(model)
     prefix, piip = _find_piip(bare)
     exempt: set[str] = set()
     if decay_exempt_by_name:
@@ -118,7 +114,7 @@ def param_rules(model: nn.Module, *, weight_decay: float, new_module_lr_mult: fl
 def build_param_groups(model: nn.Module, **kwargs) -> list[dict]:
     """Optimizer param groups: one per distinct (lr_scale, weight_decay), with ``lr_scale``."""
     rules = param_rules(model, **kwargs)
-    params = dict(_bare(model).named_parameters())
+    params = dict(bare_model(model).named_parameters())
     groups: dict[tuple[float, float], dict] = {}
     for name, rule in rules.items():
         key = (rule.lr_scale, rule.weight_decay)

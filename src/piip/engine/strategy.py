@@ -41,17 +41,12 @@ from ..layers.branch import ViTBranch
 from ..layers.interaction import InteractionUnit
 from ..weights.checkpoint import model_from_config
 from . import distributed as D
+from .distributed import bare_model
 from .optim import build_optimizer, optimizer_spec
 
-__all__ = ["STRATEGIES", "check_strategy", "make_strategy", "bare_model", "Strategy", "ZeRO1", "FSDP"]
+__all__ = ["STRATEGIES", "check_strategy", "make_strategy", "Strategy", "ZeRO1", "FSDP"]
 
 STRATEGIES = ("ddp", "zero1", "fsdp")
-
-
-def bare_model(model: nn.Module) -> nn.Module:
-    """The model inside its compile and DDP wrappers (an FSDP model is its own bare model)."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
 
 
 def check_strategy(run: Any) -> None:

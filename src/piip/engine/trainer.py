@@ -186,8 +186,7 @@ class TrainLoop:
         """Continue from a checkpoint written under the same strategy by as many processes: the
         model, optimiser, schedule, scaler, EMA, the position in the data and this rank's RNG
         states. A sharded checkpoint's tensors (``state`` holds its ``state.pt``) are read here,
-        every process its own."""
-        self.strategy.check_resume(state)
+        every process its own. (The strategy checked ``state`` before anything was built.)"""
         if self.strategy.sharded:
             model_state, optimizer_state = self.strategy.state(self.model, self.optimizer, template=True)
             has_ema = self.ema is not None and state.get("ema") is not None
