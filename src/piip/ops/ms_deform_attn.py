@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
 
+from ._ms_deform_attn_inputs import check_inputs as _check_inputs
 from .ms_deform_attn_triton import ms_deform_attn_triton, ms_deform_attn_triton_backward, triton_unavailable_reason
 
 __all__ = ["MSDeformAttn", "ms_deform_attn", "ms_deform_attn_reference"]
@@ -104,38 +105,6 @@ def _as_shape_tuple(spatial_shapes: SpatialShapes) -> tuple[tuple[int, int], ...
         raise ValueError(
             f"spatial_shapes must be a non-empty sequence of (H, W) pairs, got {spatial_shapes!r}")
     return shapes
-
-
-def _check_inputs(value: Tensor, shapes: tuple[tuple[int, int], ...], sampling_locations: Tensor,
-                  attention_weights: Tensor) -> None:
-    if value.dim() != 4:
-        raise ValueError(f"value must have shape (N, S, M, D), got {tuple(value.shape)}")
-    n, s, m, _ = value.shape
-    num_tokens = sum(h * w for h, w in shapes)
-    if s != num_tokens:
-        raise ValueError(
-            f"value has S={s} tokens but spatial_shapes {list(shapes)} cover sum(H*W)={num_tokens}")
-    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
-        raise ValueError(
-            "sampling_locations must have shape (N, Lq, M, L, P, 2) with (x, y) in the last dim, "
-            f"got {tuple(sampling_locations.shape)}")
-    _, lq, _, num_levels, num_points, _ = sampling_locations.shape
-    if num_levels != len(shapes):
-        raise ValueError(
-            f"sampling_locations has L={num_levels} levels but spatial_shapes has {len(shapes)}")
-    expected = (n, lq, m, num_levels, num_points)
-    if tuple(sampling_locations.shape[:5]) != expected:
-        raise ValueError(
-            f"sampling_locations must have shape (N, Lq, M, L, P, 2) = {(*expected, 2)} to match value "
-            f"(N={n}, M={m}), got {tuple(sampling_locations.shape)}")
-    if tuple(attention_weights.shape) != expected:
-        raise ValueError(
-            f"attention_weights must have shape (N, Lq, M, L, P) = {expected}, "
-            f"got {tuple(attention_weights.shape)}")
-    for name, t in (("value", value), ("sampling_locations", sampling_locations),
-                    ("attention_weights", attention_weights)):
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:

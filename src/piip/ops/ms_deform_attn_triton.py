@@ -15,7 +15,7 @@ inputs to the reference instead.
 The kernels were written and tested with Triton's CPU interpreter (``TRITON_INTERPRET=1``), without
 a GPU to hand; the ``gpu``-marked tests of tests/test_ms_deform_attn_triton.py check them compiled.
 
-This module imports only torch. triton is imported when a kernel first runs
+This module imports only torch (and the op's input check). triton is imported when a kernel first runs
 (``_ms_deform_attn_kernels``), so ``import piip`` works without triton and pays nothing for it.
 """
 from __future__ import annotations
@@ -30,6 +30,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from ._ms_deform_attn_inputs import check_inputs
 
 __all__ = ["ms_deform_attn_triton", "ms_deform_attn_triton_backward", "triton_unavailable_reason"]
 
@@ -89,20 +91,7 @@ def _device_guard(t: Tensor):
 def _check(value: Tensor, spatial_shapes: Sequence[tuple[int, int]], sampling_locations: Tensor,
            attention_weights: Tensor) -> tuple[tuple[int, int], ...]:
     shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
-    if value.dim() != 4 or sampling_locations.dim() != 6 or attention_weights.dim() != 5:
-        raise ValueError(
-            "expected value (N, S, M, D), sampling_locations (N, Lq, M, L, P, 2) and attention_weights "
-            f"(N, Lq, M, L, P), got {tuple(value.shape)}, {tuple(sampling_locations.shape)}, "
-            f"{tuple(attention_weights.shape)}")
-    n, s, m, _ = value.shape
-    _, lq, _, num_levels, num_points, _ = sampling_locations.shape
-    expected = (n, lq, m, len(shapes), num_points)
-    if (tuple(sampling_locations.shape) != (*expected, 2) or tuple(attention_weights.shape) != expected
-            or s != sum(h * w for h, w in shapes)):
-        raise ValueError(
-            f"inconsistent shapes: value {tuple(value.shape)}, spatial_shapes {list(shapes)}, "
-            f"sampling_locations {tuple(sampling_locations.shape)}, "
-            f"attention_weights {tuple(attention_weights.shape)}")
+    check_inputs(value, shapes, sampling_locations, attention_weights)
     for name, t in (("value", value), ("sampling_locations", sampling_locations),
                     ("attention_weights", attention_weights)):
         if t.dtype not in _SUPPORTED_DTYPES:
