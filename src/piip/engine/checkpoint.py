@@ -25,7 +25,6 @@ import os
 import random
 import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ import torch
 from . import distributed as D
 from ..weights.checkpoint import CheckpointError
 from ..weights.io import atomic_write as _atomic_write, fsync_dir, read_torch_file
-from ..weights.sharded import HEADER_FILE, SafeFileSystemReader
+from ..weights.sharded import HEADER_FILE, SafeFileSystemReader, no_process_group_note
 
 __all__ = ["atomic_torch_save", "atomic_write_text", "save_training_checkpoint", "save_sharded_checkpoint",
            "load_sharded_tensors", "latest_checkpoint", "load_training_checkpoint", "check_training_state",
@@ -147,8 +146,7 @@ def save_sharded_checkpoint(directory: str | os.PathLike, state: dict[str, Any],
     D.barrier()
     tensors, rest = _split_tensors({k: state[k] for k in SHARDED_KEYS if k in state})
     rest.update({k: v for k, v in state.items() if k not in SHARDED_KEYS})
-    with warnings.catch_warnings():  # one process: DCP's note that no process group takes part
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with no_process_group_note():  # one process saves alone
         dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp), no_dist=not D.is_dist())
     if D.is_main():
         atomic_torch_save(rest, tmp / STATE_FILE)
@@ -178,8 +176,7 @@ def load_sharded_tensors(state: dict[str, Any], template: dict[str, Any]) -> dic
     folder = state["checkpoint_folder"]
     tensors, _ = _split_tensors({k: template[k] for k in SHARDED_KEYS if template.get(k) is not None})
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        with no_process_group_note():
             dcp.load(tensors, storage_reader=SafeFileSystemReader(folder), no_dist=not D.is_dist())
     except CheckpointError:
         raise

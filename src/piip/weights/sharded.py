@@ -18,6 +18,7 @@ every tensor with ``weights_only``: no code from the folder runs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -32,7 +33,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, StorageM
 from .errors import CheckpointError
 
 __all__ = ["HEADER_FILE", "MODEL_PREFIX", "SafeFileSystemReader", "read_header",
-           "read_sharded_model"]
+           "read_sharded_model", "no_process_group_note"]
 
 #: the piip header of a sharded checkpoint folder (JSON: the safetensors header's strings)
 HEADER_FILE = "piip.json"
@@ -73,6 +74,15 @@ class _MetadataUnpickler(pickle.Unpickler):
                                   "file never holds (nothing from the file was run)")
         return found
 
+
+
+@contextlib.contextmanager
+def no_process_group_note():
+    """Silence DCP's warning that ``torch.distributed`` is disabled: a save or load by one process
+    (``no_dist=True``) is meant, not a mistake."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 class SafeFileSystemReader(FileSystemReader):
     """DCP's storage reader of a folder, whose ``.metadata`` is unpickled through an allowlist (a
@@ -145,8 +155,7 @@ def read_sharded_model(path: str | os.PathLike, device: str | torch.device = "cp
     if not state:
         raise CheckpointError(f"{os.fspath(path)!r} holds no model tensors ('{MODEL_PREFIX}*' keys)")
     try:
-        with warnings.catch_warnings():  # DCP's note that no process group takes part: the point here
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        with no_process_group_note():  # no process group takes part: the point here
             dcp.load({"model": state}, storage_reader=reader, no_dist=True)
     except CheckpointError:
         raise
